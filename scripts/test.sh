@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The one test command (README, CI and .ci/run all call this): installs and starts what is
+# missing, then runs every check. Fails on the first failing check.
+#
+#   ./scripts/test.sh
+#
+# Environment: ORDERS_CACHE (tool and build cache, default ~/.cache/orders-service),
+# CARGO_TARGET_DIR (default $ORDERS_CACHE/target), TEST_DATABASE_URL (a PostgreSQL server
+# where tests may create databases).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+started=$SECONDS
+
+log "services"
+"$ROOT/scripts/services.sh"
+log "tools"
+"$ROOT/scripts/tools.sh"
+BUF="$ORDERS_CACHE/node/node_modules/.bin/buf"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+log "buf lint and format"
+"$BUF" lint
+"$BUF" format -d --exit-code
+
+log "openapi.yaml is a valid OpenAPI 3.1 document"
+"$ORDERS_CACHE/venv/bin/openapi-spec-validator" openapi.yaml
+
+log "dropping test databases left by earlier runs"
+psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'orders\_test\_%'" |
+  while read -r db; do psql "$TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
+
+log "smoke test of the first command: cargo run with no configuration"
+"$ROOT/scripts/smoke.sh"
+
+log "tests (unit, integration against PostgreSQL and SQLite)"
+cargo nextest run --locked --no-fail-fast
+
+log "all checks passed in $((SECONDS - started))s"

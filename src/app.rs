@@ -1,0 +1,229 @@
+//! Wiring: the only module that knows every adapter. [`App::build`] connects the store and
+//! binds the listeners (port 0 works, for tests); [`App::run_until_stopped`] serves until
+//! SIGTERM/SIGINT or [`App::shutdown_token`] fires, then drains within a bounded time.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::{pb::health_server::HealthServer, server::HealthReporter, server::HealthService};
+
+use crate::{
+    config::Settings,
+    grpc::GrpcOrders,
+    health::Readiness,
+    http::{self, AppState, Limits},
+    metrics::{self, GrpcMetricsLayer, Metrics},
+    orders::Orders,
+    pb,
+    store::{self, Store},
+};
+
+/// A built, bound, not yet running service.
+pub struct App {
+    settings: Settings,
+    http: TcpListener,
+    grpc: TcpListener,
+    admin: TcpListener,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    health: HealthReporter,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    /// Connects the store (migrating it if configured) and binds every listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = store::connect(&settings.database).await.context("connecting to the database")?;
+        if settings.database.migrate_on_start {
+            store.migrate().await.context("applying migrations at startup")?;
+        }
+        let bind = |addr: SocketAddr, var: &'static str| async move {
+            TcpListener::bind(addr).await.with_context(|| format!("binding {addr} ({var})"))
+        };
+        let http = bind(settings.http.addr, "APP_HTTP__ADDR").await?;
+        let grpc = bind(settings.grpc.addr, "APP_GRPC__ADDR").await?;
+        let admin = bind(settings.admin.addr, "APP_ADMIN__ADDR").await?;
+        let health = HealthReporter::new();
+        let readiness = Readiness::new(store.clone(), health.clone(), settings.health.check_timeout).await;
+        Ok(Self {
+            settings,
+            http,
+            grpc,
+            admin,
+            store,
+            metrics: Metrics::new()?,
+            readiness,
+            health,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Where REST listens (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound listener has an address")
+    }
+
+    /// Where gRPC listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    /// Where `/metrics` listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    /// Cancelling this token starts a graceful shutdown, exactly like SIGTERM.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until shutdown, then stops accepting, drains in-flight requests for at most
+    /// `APP_SHUTDOWN__DRAIN_TIMEOUT_MS`, and returns.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let App { settings, http, grpc, admin, store, metrics, readiness, health, shutdown } = self;
+        tracing::info!(
+            http = %http.local_addr()?, grpc = %grpc.local_addr()?, admin = %admin.local_addr()?,
+            "orders-service listening"
+        );
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(readiness.clone().run(settings.health.check_interval, shutdown.clone()));
+
+        let orders = Orders::new(store);
+        let limits = Limits {
+            request_timeout: settings.http.request_timeout,
+            body_limit_bytes: settings.http.body_limit_bytes,
+        };
+        let rest = http::router(
+            AppState { orders: orders.clone(), readiness: readiness.clone() },
+            metrics.clone(),
+            limits,
+        );
+        let grpc_server = Server::builder()
+            .timeout(settings.http.request_timeout)
+            .layer(GrpcMetricsLayer(metrics.clone()))
+            .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
+            .add_service(reflection().build_v1()?)
+            // grpcurl before 1.9 and many other tools only speak v1alpha.
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(GrpcOrders::server(orders, settings.http.body_limit_bytes));
+
+        // The admin server outlives the others so metrics stay scrapeable while draining.
+        let admin_stop = CancellationToken::new();
+        let mut servers: Vec<(&str, JoinHandle<anyhow::Result<()>>)> = vec![
+            ("http", {
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    axum::serve(http, rest)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await
+                        .context("http server")
+                })
+            }),
+            ("grpc", {
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    grpc_server
+                        .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stop.cancelled_owned())
+                        .await
+                        .context("grpc server")
+                })
+            }),
+        ];
+        let admin_task = {
+            let stop = admin_stop.clone();
+            tokio::spawn(async move {
+                axum::serve(admin, metrics::admin_router(metrics))
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .context("admin server")
+            })
+        };
+
+        // Wait for a shutdown request, or for a server to die (then shut the rest down).
+        let mut failure: Option<anyhow::Error> = None;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {}
+            (result, index, _) = futures_select_all(&mut servers) => {
+                let (name, _) = servers.remove(index);
+                // A server returning after shutdown began is the normal path, not a failure.
+                if !shutdown.is_cancelled() {
+                    failure = Some(match flatten(result) {
+                        Ok(()) => anyhow::anyhow!("{name} server stopped unexpectedly"),
+                        Err(e) => e.context(format!("{name} server failed")),
+                    });
+                    shutdown.cancel();
+                }
+            }
+        }
+        tracing::info!("shutting down: readiness off, draining in-flight requests");
+        readiness.begin_shutdown().await;
+
+        let drain = async {
+            for (name, handle) in servers {
+                if let Err(e) = flatten(handle.await) {
+                    tracing::error!(server = name, error = format!("{e:#}"), "server failed while draining");
+                }
+            }
+        };
+        if tokio::time::timeout(settings.shutdown.drain_timeout, drain).await.is_err() {
+            tracing::warn!(timeout = ?settings.shutdown.drain_timeout, "drain timed out; abandoning in-flight requests");
+        }
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        tracing::info!("stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Serves the descriptors of every gRPC service here, so grpcurl and `buf curl` need no protos.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Waits for the first of several join handles without an extra dependency.
+async fn futures_select_all(
+    servers: &mut [(&str, JoinHandle<anyhow::Result<()>>)],
+) -> (Result<anyhow::Result<()>, tokio::task::JoinError>, usize, ()) {
+    std::future::poll_fn(|cx| {
+        for (index, (_, handle)) in servers.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(result) = std::pin::Pin::new(handle).poll(cx) {
+                return std::task::Poll::Ready((result, index, ()));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+fn flatten(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    result.context("server task panicked")?
+}
+
+/// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,306 @@
+//! Typed settings read from `APP_*` environment variables (what Helm values and Kubernetes
+//! Secrets supply), with defaults that make `cargo run` work with no setup at all.
+//!
+//! Every variable is listed in [`VARIABLES`] (the README table is generated from the same
+//! names). Values are validated once, at startup, and an error names the variable.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+/// Every variable this service reads, with its default and meaning.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    ("APP_HTTP__ADDR", "127.0.0.1:8080", "REST API, /healthz, /readyz"),
+    ("APP_GRPC__ADDR", "127.0.0.1:50051", "gRPC API, health, reflection"),
+    ("APP_ADMIN__ADDR", "127.0.0.1:9090", "/metrics"),
+    ("APP_HTTP__REQUEST_TIMEOUT_MS", "10000", "per-request deadline (REST and gRPC)"),
+    ("APP_HTTP__BODY_LIMIT_BYTES", "1048576", "largest accepted request body / gRPC message"),
+    ("APP_DATABASE__URL", "sqlite://data/orders.db", "postgres://… or sqlite://…"),
+    ("APP_DATABASE__MAX_CONNECTIONS", "10", "connection pool size"),
+    ("APP_DATABASE__ACQUIRE_TIMEOUT_MS", "2000", "wait for a pooled connection before 503"),
+    ("APP_DATABASE__MIGRATE_ON_START", "true", "apply migrations in `serve`"),
+    ("APP_HEALTH__CHECK_INTERVAL_MS", "5000", "how often gRPC health is refreshed"),
+    ("APP_HEALTH__CHECK_TIMEOUT_MS", "1000", "deadline for one readiness check"),
+    ("APP_SHUTDOWN__DRAIN_TIMEOUT_MS", "20000", "how long in-flight requests may finish"),
+    ("APP_LOG_FORMAT", "text", "text or json"),
+    ("APP_LOG_LEVEL", "info", "tracing filter, e.g. info,orders_service=debug"),
+];
+
+/// A configuration value that must never be printed (database URLs carry passwords).
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a sensitive value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value itself, for the one place that needs it (opening a connection).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// All settings, one struct per section.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// REST listener and inbound limits (also applied to gRPC).
+    pub http: HttpSettings,
+    /// gRPC listener.
+    pub grpc: GrpcSettings,
+    /// Admin listener for `/metrics`.
+    pub admin: AdminSettings,
+    /// The database the service owns.
+    pub database: DatabaseSettings,
+    /// Readiness checking.
+    pub health: HealthSettings,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// `APP_*` variables that matched no setting (probably typos), reported after logging starts.
+    unknown: Vec<String>,
+}
+
+/// REST listener and inbound request limits.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Where REST, `/healthz` and `/readyz` listen; port 0 picks a free port (tests).
+    pub addr: SocketAddr,
+    /// Deadline for one request; a gRPC client's shorter `grpc-timeout` wins.
+    pub request_timeout: Duration,
+    /// Largest request body (REST) or message (gRPC) accepted; larger gets 413 / RESOURCE_EXHAUSTED.
+    pub body_limit_bytes: usize,
+}
+
+/// gRPC listener.
+#[derive(Debug, Clone)]
+pub struct GrpcSettings {
+    /// Where the gRPC server listens.
+    pub addr: SocketAddr,
+}
+
+/// Admin listener, kept off the public port so metrics are not exposed through ingress.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Where `/metrics` listens.
+    pub addr: SocketAddr,
+}
+
+/// Database connection settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `postgres://…` (production) or `sqlite://…` (embedded default); carries credentials.
+    pub url: Secret,
+    /// Upper bound on pooled connections per replica.
+    pub max_connections: u32,
+    /// How long a request waits for a connection before failing fast with 503.
+    pub acquire_timeout: Duration,
+    /// Apply migrations when `serve` starts (off in Kubernetes, where a hook Job runs `migrate`).
+    pub migrate_on_start: bool,
+}
+
+/// Readiness checking.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// Interval of the background check that keeps gRPC health current.
+    pub check_interval: Duration,
+    /// Deadline for one check, so a hung database makes the service unready, not stuck.
+    pub check_timeout: Duration,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// Upper bound on waiting for in-flight requests after SIGTERM (keep below the pod's
+    /// `terminationGracePeriodSeconds`).
+    pub drain_timeout: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// Text or JSON.
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive.
+    pub level: String,
+}
+
+/// A configuration error naming the variable and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl Settings {
+    /// Reads settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads settings from the given variables; tests use this instead of mutating the
+    /// process environment.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let vars: BTreeMap<String, String> =
+            vars.into_iter().filter(|(k, _)| k.starts_with("APP_")).collect();
+        let env = Vars(&vars);
+        let settings = Settings {
+            http: HttpSettings {
+                addr: env.parse("APP_HTTP__ADDR")?,
+                request_timeout: env.millis("APP_HTTP__REQUEST_TIMEOUT_MS")?,
+                body_limit_bytes: env.parse("APP_HTTP__BODY_LIMIT_BYTES")?,
+            },
+            grpc: GrpcSettings { addr: env.parse("APP_GRPC__ADDR")? },
+            admin: AdminSettings { addr: env.parse("APP_ADMIN__ADDR")? },
+            database: DatabaseSettings {
+                url: Secret::new(env.raw("APP_DATABASE__URL")),
+                max_connections: env.parse("APP_DATABASE__MAX_CONNECTIONS")?,
+                acquire_timeout: env.millis("APP_DATABASE__ACQUIRE_TIMEOUT_MS")?,
+                migrate_on_start: env.parse("APP_DATABASE__MIGRATE_ON_START")?,
+            },
+            health: HealthSettings {
+                check_interval: env.millis("APP_HEALTH__CHECK_INTERVAL_MS")?,
+                check_timeout: env.millis("APP_HEALTH__CHECK_TIMEOUT_MS")?,
+            },
+            shutdown: ShutdownSettings { drain_timeout: env.millis("APP_SHUTDOWN__DRAIN_TIMEOUT_MS")? },
+            log: LogSettings {
+                format: match env.raw("APP_LOG_FORMAT").as_str() {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    other => {
+                        return Err(error("APP_LOG_FORMAT", format!("expected text or json, got {other:?}")));
+                    }
+                },
+                level: env.raw("APP_LOG_LEVEL"),
+            },
+            unknown: vars
+                .keys()
+                .filter(|k| !VARIABLES.iter().any(|(name, _, _)| name == k))
+                .cloned()
+                .collect(),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Cross-field and range checks that parsing alone cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.database.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:"))
+        {
+            return Err(error("APP_DATABASE__URL", "expected a postgres:// or sqlite: URL"));
+        }
+        if self.database.max_connections == 0 {
+            return Err(error("APP_DATABASE__MAX_CONNECTIONS", "must be at least 1"));
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err(error("APP_HTTP__BODY_LIMIT_BYTES", "must be at least 1024"));
+        }
+        Ok(())
+    }
+
+    /// Logs a warning for each `APP_*` variable that matched no setting.
+    pub fn warn_unknown_vars(&self) {
+        for name in &self.unknown {
+            tracing::warn!(variable = %name, "unknown configuration variable ignored (typo?)");
+        }
+    }
+}
+
+/// Lookup over the `APP_*` variables, falling back to the documented defaults.
+struct Vars<'a>(&'a BTreeMap<String, String>);
+
+impl Vars<'_> {
+    fn raw(&self, name: &str) -> String {
+        match self.0.get(name) {
+            Some(value) => value.trim().to_owned(),
+            None => default_of(name).to_owned(),
+        }
+    }
+
+    fn parse<T: FromStr>(&self, name: &str) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        let raw = self.raw(name);
+        raw.parse().map_err(|e| error(name, format!("cannot parse {raw:?}: {e}")))
+    }
+
+    /// A duration in milliseconds; zero is rejected because every timeout here must fire.
+    fn millis(&self, name: &str) -> Result<Duration, ConfigError> {
+        match self.parse::<u64>(name)? {
+            0 => Err(error(name, "must be greater than 0")),
+            ms => Ok(Duration::from_millis(ms)),
+        }
+    }
+}
+
+fn default_of(name: &str) -> &'static str {
+    VARIABLES.iter().find(|(n, _, _)| *n == name).map(|(_, default, _)| *default).unwrap_or_default()
+}
+
+fn error(variable: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { variable: variable.to_owned(), message: message.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_need_no_environment() {
+        let settings = Settings::from_vars(vars(&[])).expect("defaults are valid");
+        assert_eq!(settings.http.addr.port(), 8080);
+        assert_eq!(settings.grpc.addr.port(), 50051);
+        assert_eq!(settings.admin.addr.port(), 9090);
+        assert!(settings.database.url.expose().starts_with("sqlite:"));
+        assert_eq!(settings.http.body_limit_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let err = Settings::from_vars(vars(&[("APP_HTTP__REQUEST_TIMEOUT_MS", "0")])).unwrap_err();
+        assert_eq!(err.variable, "APP_HTTP__REQUEST_TIMEOUT_MS");
+        let err = Settings::from_vars(vars(&[("APP_GRPC__ADDR", "nowhere")])).unwrap_err();
+        assert_eq!(err.variable, "APP_GRPC__ADDR");
+        let err = Settings::from_vars(vars(&[("APP_DATABASE__URL", "mysql://x")])).unwrap_err();
+        assert_eq!(err.variable, "APP_DATABASE__URL");
+        let err = Settings::from_vars(vars(&[("APP_LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().starts_with("APP_LOG_FORMAT: "), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let settings = Settings::from_vars(vars(&[("APP_DATABASE__URL", "postgres://u:hunter2@db/orders")]))
+            .expect("valid");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn unknown_variables_are_remembered() {
+        let settings =
+            Settings::from_vars(vars(&[("APP_HTTP__ADR", "x"), ("HOME", "/root")])).expect("valid");
+        assert_eq!(settings.unknown, vec!["APP_HTTP__ADR".to_owned()]);
+    }
+}

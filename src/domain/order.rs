@@ -1,0 +1,256 @@
+//! The order aggregate and its state machine.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    Currency, CustomerId, DomainError, FieldViolation, LineItem, Note, OrderId, Quantity, Sku,
+    ValidationError,
+};
+
+/// Where an order is in its lifecycle. New states are appended, never renumbered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OrderStatus {
+    /// Created, awaiting payment; the only cancellable state.
+    Pending,
+    /// Payment captured.
+    Paid,
+    /// Cancelled; terminal.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// The stable upper-case name used in storage, JSON and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Paid => "PAID",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Parses the stable name written by [`OrderStatus::as_str`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Pending, Self::Paid, Self::Cancelled].into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Unvalidated input for one line item, as any adapter received it.
+#[derive(Debug, Clone, Default)]
+pub struct LineItemDraft {
+    /// Raw SKU.
+    pub sku: String,
+    /// Raw quantity; wide so negative input gets a validation error.
+    pub quantity: i64,
+    /// Raw unit price in minor units.
+    pub unit_price_minor: i64,
+}
+
+/// Unvalidated input for a new order, as any adapter received it.
+#[derive(Debug, Clone, Default)]
+pub struct OrderDraft {
+    /// Raw customer id.
+    pub customer_id: String,
+    /// Raw line items.
+    pub items: Vec<LineItemDraft>,
+    /// Raw currency code.
+    pub currency: String,
+    /// Raw note; `None` when absent.
+    pub note: Option<String>,
+}
+
+/// A validated request to create an order; its total is known not to overflow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    /// Who ordered.
+    pub customer_id: CustomerId,
+    /// 1–100 lines.
+    pub items: Vec<LineItem>,
+    /// Currency of every price.
+    pub currency: Currency,
+    /// Optional note.
+    pub note: Option<Note>,
+    /// Sum of the line subtotals.
+    pub total_minor: i64,
+}
+
+impl NewOrder {
+    /// Validates a draft, reporting every violation at once.
+    pub fn parse(draft: OrderDraft) -> Result<Self, ValidationError> {
+        let mut v = Violations::default();
+        let customer_id = v.check(CustomerId::parse("customer_id", &draft.customer_id));
+        let currency = v.check(Currency::parse("currency", &draft.currency));
+        let note = match &draft.note {
+            Some(raw) => v.check(Note::parse("note", raw)).map(Some),
+            None => Some(None),
+        };
+        if !(1..=100).contains(&draft.items.len()) {
+            v.push("items", "must contain 1 to 100 items");
+        }
+        let mut items = Vec::with_capacity(draft.items.len());
+        for (i, item) in draft.items.iter().enumerate() {
+            let sku = v.check(Sku::parse(&format!("items[{i}].sku"), &item.sku));
+            let quantity = v.check(Quantity::parse(&format!("items[{i}].quantity"), item.quantity));
+            if item.unit_price_minor < 0 {
+                v.push(format!("items[{i}].unit_price_minor"), "must not be negative");
+            }
+            if let (Some(sku), Some(quantity)) = (sku, quantity) {
+                items.push(LineItem { sku, quantity, unit_price_minor: item.unit_price_minor });
+            }
+        }
+        let total_minor = items.iter().try_fold(0i64, |sum, item| sum.checked_add(item.subtotal_minor()?));
+        if total_minor.is_none() {
+            v.push("items", "order total overflows a 64-bit amount");
+        }
+        match (customer_id, currency, note, total_minor) {
+            (Some(customer_id), Some(currency), Some(note), Some(total_minor)) if v.0.is_empty() => {
+                Ok(Self { customer_id, items, currency, note, total_minor })
+            }
+            _ => Err(ValidationError { violations: v.0 }),
+        }
+    }
+}
+
+/// Collects violations while validation carries on, so the client hears about all of them.
+#[derive(Default)]
+struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
+        result.map_err(|violation| self.0.push(violation)).ok()
+    }
+
+    fn push(&mut self, field: impl Into<String>, message: &str) {
+        self.0.push(FieldViolation::new(field, message));
+    }
+}
+
+/// The order aggregate as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// Identity.
+    pub id: OrderId,
+    /// Who ordered.
+    pub customer_id: CustomerId,
+    /// The lines.
+    pub items: Vec<LineItem>,
+    /// Currency of every amount.
+    pub currency: Currency,
+    /// Sum of the line subtotals.
+    pub total_minor: i64,
+    /// Lifecycle state; change it only through the transition methods.
+    pub status: OrderStatus,
+    /// Optional note.
+    pub note: Option<Note>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Time of the last state change.
+    pub updated_at: DateTime<Utc>,
+    /// Starts at 1, incremented by every transition; storage uses it for optimistic locking.
+    pub version: i64,
+}
+
+impl Order {
+    /// A new PENDING order.
+    pub fn create(id: OrderId, new: NewOrder, now: DateTime<Utc>) -> Self {
+        Self {
+            id,
+            customer_id: new.customer_id,
+            items: new.items,
+            currency: new.currency,
+            total_minor: new.total_minor,
+            status: OrderStatus::Pending,
+            note: new.note,
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        }
+    }
+
+    /// PENDING → CANCELLED. Anything else, including a second cancel, is a conflict.
+    pub fn cancel(&mut self, now: DateTime<Utc>) -> Result<(), DomainError> {
+        self.transition(OrderStatus::Pending, OrderStatus::Cancelled, "cancel", now)
+    }
+
+    fn transition(
+        &mut self,
+        from: OrderStatus,
+        to: OrderStatus,
+        action: &'static str,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        if self.status != from {
+            return Err(DomainError::InvalidTransition { from: self.status, action });
+        }
+        self.status = to;
+        self.updated_at = now;
+        self.version += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft() -> OrderDraft {
+        OrderDraft {
+            customer_id: "cust-1".into(),
+            items: vec![
+                LineItemDraft { sku: "A".into(), quantity: 2, unit_price_minor: 150 },
+                LineItemDraft { sku: "B".into(), quantity: 1, unit_price_minor: 99 },
+            ],
+            currency: "EUR".into(),
+            note: None,
+        }
+    }
+
+    #[test]
+    fn computes_the_total() {
+        assert_eq!(NewOrder::parse(draft()).expect("valid").total_minor, 399);
+    }
+
+    #[test]
+    fn reports_every_violation_with_its_path() {
+        let mut d = draft();
+        d.customer_id = String::new();
+        d.items[1].quantity = 0;
+        d.items[0].unit_price_minor = -1;
+        let fields: Vec<_> =
+            NewOrder::parse(d).unwrap_err().violations.into_iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["customer_id", "items[0].unit_price_minor", "items[1].quantity"]);
+    }
+
+    #[test]
+    fn rejects_empty_too_many_and_overflowing_items() {
+        let mut d = draft();
+        d.items.clear();
+        assert_eq!(NewOrder::parse(d).unwrap_err().violations[0].field, "items");
+        let mut d = draft();
+        d.items = vec![LineItemDraft { sku: "A".into(), quantity: 1, unit_price_minor: 1 }; 101];
+        assert_eq!(NewOrder::parse(d).unwrap_err().violations[0].field, "items");
+        let mut d = draft();
+        d.items[0].unit_price_minor = i64::MAX;
+        assert!(NewOrder::parse(d).unwrap_err().violations[0].message.contains("overflow"));
+    }
+
+    #[test]
+    fn cancel_only_from_pending() {
+        let now = Utc::now();
+        let mut order = Order::create(OrderId::generate(), NewOrder::parse(draft()).expect("valid"), now);
+        order.cancel(now).expect("pending orders cancel");
+        assert_eq!((order.status, order.version), (OrderStatus::Cancelled, 2));
+        assert_eq!(
+            order.cancel(now),
+            Err(DomainError::InvalidTransition { from: OrderStatus::Cancelled, action: "cancel" })
+        );
+        assert_eq!(order.version, 2, "a rejected transition changes nothing");
+    }
+}

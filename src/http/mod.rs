@@ -1,0 +1,115 @@
+//! The REST adapter: `/v1/orders`, `/healthz`, `/readyz` and `/openapi.json`.
+//!
+//! Inbound protection lives here: a per-request deadline (503 problem on expiry), a body
+//! size limit (413), and problem+json for every error, including unknown routes.
+
+mod extract;
+pub mod orders;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    error_handling::HandleErrorLayer,
+    extract::{DefaultBodyLimit, State},
+    http::{StatusCode, Uri},
+    middleware,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use tower::ServiceBuilder;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::{
+    error::{ApiError, Problem, ProblemField},
+    health::{Check, Readiness, ReadinessReport},
+    metrics::{self, Metrics},
+    orders::Orders,
+};
+
+/// What every REST handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The use-cases.
+    pub orders: Orders,
+    /// Readiness checks for `/readyz`.
+    pub readiness: Arc<Readiness>,
+}
+
+/// The OpenAPI document, generated from the handlers' annotations. `openapi.yaml` at the
+/// repository root is this document; a test fails if they drift apart.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "orders-service",
+        description = "Orders REST API. Errors are RFC 9457 problem details (application/problem+json) \
+                       whose `type` is a stable URN, urn:problem-type:orders:<slug>.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(orders::create_order, orders::get_order, orders::list_orders, orders::cancel_order, healthz, readyz),
+    components(schemas(Problem, ProblemField, Check, ReadinessReport)),
+    tags((name = "orders", description = "Order lifecycle"), (name = "health", description = "Kubernetes probes"))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as YAML, exactly as committed in `openapi.yaml`.
+pub fn openapi_yaml() -> anyhow::Result<String> {
+    Ok(ApiDoc::openapi().to_yaml()?)
+}
+
+/// Limits applied to every REST request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Deadline for one request.
+    pub request_timeout: Duration,
+    /// Largest accepted body.
+    pub body_limit_bytes: usize,
+}
+
+/// Builds the REST router.
+pub fn router(state: AppState, metrics: Arc<Metrics>, limits: Limits) -> Router {
+    let api = Router::new()
+        .route("/v1/orders", post(orders::create_order).get(orders::list_orders))
+        .route("/v1/orders/{id}", get(orders::get_order))
+        .route("/v1/orders/{id}/cancel", post(orders::cancel_order))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(
+            |uri: Uri| async move { ApiError::NotFound { resource: "route", id: uri.path().to_owned() } },
+        )
+        .with_state(state);
+    api.layer(
+        ServiceBuilder::new()
+            .layer(TraceLayer::new_for_http())
+            .layer(middleware::from_fn_with_state(metrics, metrics::track_http))
+            .layer(HandleErrorLayer::new(|_: tower::BoxError| async { ApiError::Timeout }))
+            .timeout(limits.request_timeout)
+            .layer(DefaultBodyLimit::max(limits.body_limit_bytes)),
+    )
+}
+
+/// Liveness: the process is up and serving HTTP. Checks nothing external on purpose.
+#[utoipa::path(get, path = "/healthz", tag = "health", operation_id = "healthz",
+    responses((status = 200, description = "Alive", body = String, example = "ok")))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: database reachable, migrations applied, not shutting down.
+#[utoipa::path(get, path = "/readyz", tag = "health", operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready to serve", body = ReadinessReport),
+        (status = 503, description = "Not ready; see the failed checks", body = ReadinessReport),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let report = state.readiness.check().await;
+    let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(report))
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    axum::Json(ApiDoc::openapi())
+}

@@ -1,0 +1,33 @@
+//! # orders-service
+//!
+//! A template for a Kubernetes-native, resilient Rust microservice. The example domain is
+//! orders; the patterns (validated domain types, a storage port with two adapters, one
+//! error table for REST and gRPC, health, metrics, graceful shutdown) are the point.
+//!
+//! # Layout
+//! - [`app`]: the only place that wires adapters together; binds listeners and runs them
+//!   until a shutdown signal.
+//! - [`config`]: typed settings from `APP_*` environment variables, validated at startup.
+//! - [`domain`]: validated value types and the order state machine; no I/O crates.
+//! - [`orders`]: the use-cases; each state change owns exactly one store transaction.
+//! - [`store`]: the storage port and its PostgreSQL and SQLite adapters.
+//! - [`error`]: the API error type and the one table mapping it to HTTP and gRPC.
+//! - [`http`]: the REST API (axum), `/healthz`, `/readyz` and the OpenAPI document.
+//! - [`grpc`]: the `orders.v1.OrderService` gRPC API (tonic).
+//! - [`health`]: readiness checks shared by `/readyz` and `grpc.health.v1.Health`.
+//! - [`metrics`]: Prometheus metrics and the admin server that exposes them.
+//! - [`telemetry`]: structured logging.
+//! - [`pb`]: code generated from `proto/`; nothing else includes generated code.
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod orders;
+pub mod pb;
+pub mod store;
+pub mod telemetry;

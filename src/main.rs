@@ -1,0 +1,22 @@
+//! The `orders-service` binary: `serve` (default) runs the service, `migrate` applies
+//! database migrations and exits (what the Helm pre-upgrade hook runs).
+
+use anyhow::Context;
+use orders_service::{app::App, config::Settings, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_owned());
+    let settings = Settings::from_env().context("invalid configuration")?;
+    telemetry::init(&settings.log);
+    settings.warn_unknown_vars();
+    match command.as_str() {
+        "serve" => App::build(settings).await?.run_until_stopped().await,
+        "migrate" => orders_service::store::migrate(&settings.database).await,
+        "openapi" => {
+            print!("{}", orders_service::http::openapi_yaml()?);
+            Ok(())
+        }
+        other => anyhow::bail!("unknown command {other:?}; expected serve, migrate or openapi"),
+    }
+}

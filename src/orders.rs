@@ -1,0 +1,88 @@
+//! The orders use-cases, shared by the REST and gRPC adapters. Each state change owns one
+//! store transaction from `begin` to `commit`, so everything it writes (the order now, its
+//! outbox event later) is committed together or not at all.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, SubsecRound, Utc};
+
+use crate::{
+    domain::{ListQuery, NewOrder, Order, OrderId, PageToken},
+    error::ApiError,
+    store::Store,
+};
+
+/// One page of a listing.
+#[derive(Debug)]
+pub struct Page {
+    /// The orders on this page, newest first.
+    pub orders: Vec<Order>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<PageToken>,
+}
+
+/// The orders application service.
+#[derive(Clone)]
+pub struct Orders {
+    store: Arc<dyn Store>,
+}
+
+impl Orders {
+    /// Builds the service over a store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// Stores a new PENDING order.
+    #[tracing::instrument(skip_all, fields(order_id), err(level = "debug"))]
+    pub async fn create(&self, new: NewOrder) -> Result<Order, ApiError> {
+        let order = Order::create(OrderId::generate(), new, now());
+        tracing::Span::current().record("order_id", tracing::field::display(order.id));
+        let mut tx = self.store.begin().await?;
+        tx.insert_order(&order).await?;
+        tx.commit().await?;
+        Ok(order)
+    }
+
+    /// Reads one order.
+    #[tracing::instrument(skip(self), err(level = "debug"))]
+    pub async fn get(&self, id: OrderId) -> Result<Order, ApiError> {
+        self.store.get_order(id).await?.ok_or_else(|| not_found(id))
+    }
+
+    /// Reads one page of orders, newest first.
+    #[tracing::instrument(skip(self), err(level = "debug"))]
+    pub async fn list(&self, query: ListQuery) -> Result<Page, ApiError> {
+        let mut orders = self.store.list_orders(&query).await?;
+        let page_size = query.page_size as usize;
+        let next = if orders.len() > page_size {
+            orders.truncate(page_size);
+            orders.last().map(|o| PageToken { after: o.id })
+        } else {
+            None
+        };
+        Ok(Page { orders, next })
+    }
+
+    /// Cancels a PENDING order; any other state is a conflict.
+    #[tracing::instrument(skip(self), err(level = "debug"))]
+    pub async fn cancel(&self, id: OrderId) -> Result<Order, ApiError> {
+        let mut tx = self.store.begin().await?;
+        let mut order = tx.get_order_for_update(id).await?.ok_or_else(|| not_found(id))?;
+        let expected_version = order.version;
+        order.cancel(now())?;
+        tx.update_order(&order, expected_version).await?;
+        tx.commit().await?;
+        Ok(order)
+    }
+}
+
+/// The current time at the precision every store keeps (Postgres: microseconds), so a
+/// response and a later read of the same order agree to the digit.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn not_found(id: OrderId) -> ApiError {
+    ApiError::NotFound { resource: "order", id: id.to_string() }
+}

@@ -1,0 +1,252 @@
+//! The storage port and its two adapters: PostgreSQL (production, many replicas) and SQLite
+//! (the embedded default for `cargo run`). Both pass the same conformance suite
+//! (`tests/it/store_conformance.rs`).
+//!
+//! Writes go through [`Store::begin`]: the use-case owns the [`Tx`], performs every write of
+//! one state change in it (the outbox insert joins it later) and commits once.
+
+mod postgres;
+mod sqlite;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type, types::Json};
+use uuid::Uuid;
+
+use crate::{
+    config::DatabaseSettings,
+    domain::{Currency, CustomerId, LineItem, ListQuery, Note, Order, OrderId, OrderStatus, Quantity, Sku},
+};
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// Why a storage call failed, classified for the error table.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An optimistic-concurrency check failed: someone else changed the row first.
+    #[error("concurrent update")]
+    Conflict,
+    /// The database is unreachable, overloaded or timed out; retrying later may succeed.
+    #[error("database unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    /// Anything else (a bug, corrupt data, a constraint we did not expect).
+    #[error("database error")]
+    Other(#[source] anyhow::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        let transient = match &err {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // Postgres: connection exceptions (08), insufficient resources (53),
+                // operator intervention such as admin shutdown (57). SQLite: BUSY, LOCKED.
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57")
+                    || code == "5"
+                    || code == "6"
+            }),
+            _ => false,
+        };
+        if transient { Self::Unavailable(err.into()) } else { Self::Other(err.into()) }
+    }
+}
+
+/// The storage port.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Starts a write transaction.
+    async fn begin(&self) -> Result<Box<dyn Tx>, StoreError>;
+    /// Reads one order.
+    async fn get_order(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
+    /// Reads up to `query.page_size + 1` orders, newest first, after the query's cursor
+    /// (the extra row tells the caller whether another page exists).
+    async fn list_orders(&self, query: &ListQuery) -> Result<Vec<Order>, StoreError>;
+    /// Round-trips a trivial query: is the database reachable?
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Whether every migration embedded in this binary has been applied.
+    async fn migrations_applied(&self) -> Result<bool, StoreError>;
+    /// Applies pending migrations.
+    async fn migrate(&self) -> anyhow::Result<()>;
+}
+
+/// One write transaction. Dropping it without [`Tx::commit`] rolls back.
+#[async_trait]
+pub trait Tx: Send {
+    /// Inserts a new order.
+    async fn insert_order(&mut self, order: &Order) -> Result<(), StoreError>;
+    /// Reads an order and locks it until the transaction ends.
+    async fn get_order_for_update(&mut self, id: OrderId) -> Result<Option<Order>, StoreError>;
+    /// Writes the order's mutable fields if the stored version is still `expected_version`;
+    /// otherwise fails with [`StoreError::Conflict`].
+    async fn update_order(&mut self, order: &Order, expected_version: i64) -> Result<(), StoreError>;
+    /// Commits every write of this transaction atomically.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// Opens the store named by the URL's scheme.
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+    let url = settings.url.expose();
+    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
+        Arc::new(SqliteStore::connect(settings).await?)
+    } else {
+        Arc::new(PostgresStore::connect(settings)?)
+    };
+    Ok(store)
+}
+
+/// `orders-service migrate`: applies migrations and exits.
+pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    connect(settings).await?.migrate().await.context("applying migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// How long a single statement may take before the pool gives the connection up.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Line items as stored in the `items` JSON column. Separate from the domain type so the
+/// storage format changes only deliberately.
+#[derive(Debug, Serialize, Deserialize)]
+struct ItemRecord {
+    sku: String,
+    quantity: u32,
+    unit_price_minor: i64,
+}
+
+/// Inserts an order; the SQL is portable (`$N` placeholders work in SQLite too).
+async fn insert_order<'e, DB, E>(executor: E, order: &Order) -> Result<(), StoreError>
+where
+    DB: Database,
+    E: Executor<'e, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> Uuid: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
+    for<'q> Json<Vec<ItemRecord>>: Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, items, currency, total_minor, status, note, created_at, updated_at, version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(order.id.as_uuid())
+    .bind(order.customer_id.to_string())
+    .bind(item_records(order))
+    .bind(order.currency.to_string())
+    .bind(order.total_minor)
+    .bind(order.status.as_str().to_owned())
+    .bind(order.note.as_ref().map(|n| n.to_string()))
+    .bind(order.created_at)
+    .bind(order.updated_at)
+    .bind(order.version)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Writes an order's mutable fields guarded by its previous version (optimistic locking).
+async fn update_order<'e, DB, E>(executor: E, order: &Order, expected_version: i64) -> Result<(), StoreError>
+where
+    DB: Database,
+    E: Executor<'e, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> Uuid: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let updated: Option<i64> = sqlx::query_scalar(
+        "UPDATE orders SET status = $1, updated_at = $2, version = $3 WHERE id = $4 AND version = $5 RETURNING version",
+    )
+    .bind(order.status.as_str().to_owned())
+    .bind(order.updated_at)
+    .bind(order.version)
+    .bind(order.id.as_uuid())
+    .bind(expected_version)
+    .fetch_optional(executor)
+    .await?;
+    updated.map(drop).ok_or(StoreError::Conflict)
+}
+
+fn item_records(order: &Order) -> Json<Vec<ItemRecord>> {
+    Json(
+        order
+            .items
+            .iter()
+            .map(|i| ItemRecord {
+                sku: i.sku.to_string(),
+                quantity: i.quantity.get(),
+                unit_price_minor: i.unit_price_minor,
+            })
+            .collect(),
+    )
+}
+
+/// Decodes an `orders` row from either database, re-validating every value so a corrupt
+/// row surfaces as an error instead of an invalid domain object.
+fn decode_order<'r, R>(row: &'r R) -> Result<Order, StoreError>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    Uuid: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
+    Json<Vec<ItemRecord>>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let items: Json<Vec<ItemRecord>> = row.try_get("items")?;
+    let items = items
+        .0
+        .into_iter()
+        .map(|i| {
+            Ok(LineItem {
+                sku: stored(Sku::parse("sku", &i.sku))?,
+                quantity: stored(Quantity::parse("quantity", i.quantity.into()))?,
+                unit_price_minor: i.unit_price_minor,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let status: String = row.try_get("status")?;
+    Ok(Order {
+        id: OrderId::from_uuid(row.try_get("id")?),
+        customer_id: stored(CustomerId::parse("customer_id", &row.try_get::<String, _>("customer_id")?))?,
+        items,
+        currency: stored(Currency::parse("currency", &row.try_get::<String, _>("currency")?))?,
+        total_minor: row.try_get("total_minor")?,
+        status: OrderStatus::from_name(&status).ok_or_else(|| corrupt("status"))?,
+        note: row
+            .try_get::<Option<String>, _>("note")?
+            .map(|n| stored(Note::parse("note", &n)))
+            .transpose()?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
+    })
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Other(anyhow::anyhow!("corrupt order row: invalid {what}"))
+}
+
+/// A stored value that fails validation means the row is corrupt.
+fn stored<T>(value: Result<T, crate::domain::FieldViolation>) -> Result<T, StoreError> {
+    value.map_err(|v| corrupt(&v.field))
+}
+
+/// Columns selected by every order query, in the order [`decode_order`] expects them.
+const ORDER_COLUMNS: &str =
+    "id, customer_id, items, currency, total_minor, status, note, created_at, updated_at, version";

@@ -1,0 +1,119 @@
+//! PostgreSQL adapter: the production store, shared by every replica.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sqlx::{
+    PgPool, Postgres, Transaction,
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use super::{
+    ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, insert_order, update_order,
+};
+use crate::{
+    config::DatabaseSettings,
+    domain::{ListQuery, Order, OrderId},
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Builds a lazily connecting pool: the service starts (and reports unready) while the
+    /// database is still coming up, instead of crash-looping.
+    pub fn connect(settings: &DatabaseSettings) -> anyhow::Result<Self> {
+        let statement_timeout = format!("{}ms", STATEMENT_TIMEOUT.as_millis());
+        let options = PgConnectOptions::from_str(settings.url.expose())
+            .context("APP_DATABASE__URL is not a valid postgres URL")?
+            .application_name("orders-service")
+            .options([("statement_timeout", statement_timeout.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool, for tests and metrics.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn begin(&self) -> Result<Box<dyn Tx>, StoreError> {
+        Ok(Box::new(PgTx(self.pool.begin().await?)))
+    }
+
+    async fn get_order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1");
+        let row = sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(decode_order).transpose()
+    }
+
+    async fn list_orders(&self, query: &ListQuery) -> Result<Vec<Order>, StoreError> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(query.after.map(|t| t.after.as_uuid()))
+            .bind(i64::from(query.page_size) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode_order).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn migrations_applied(&self) -> Result<bool, StoreError> {
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&self.pool)
+            .await
+            .or_else(|e| match &e {
+                // 42P01 undefined_table: nothing has been migrated yet.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+                _ => Err(e),
+            })?;
+        Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        MIGRATOR.run(&self.pool).await.context("running postgres migrations")
+    }
+}
+
+struct PgTx(Transaction<'static, Postgres>);
+
+#[async_trait]
+impl Tx for PgTx {
+    async fn insert_order(&mut self, order: &Order) -> Result<(), StoreError> {
+        insert_order(&mut *self.0, order).await
+    }
+
+    async fn get_order_for_update(&mut self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 FOR UPDATE");
+        let row = sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&mut *self.0).await?;
+        row.as_ref().map(decode_order).transpose()
+    }
+
+    async fn update_order(&mut self, order: &Order, expected_version: i64) -> Result<(), StoreError> {
+        update_order(&mut *self.0, order, expected_version).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.0.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! Integration tests: one binary (one link step) running against the real PostgreSQL and
+//! SQLite, over real sockets. Every test gets its own database, so they run in parallel.
+//!
+//! `TEST_DATABASE_URL` points at a PostgreSQL server where the tests may create databases
+//! (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`); `scripts/test.sh`
+//! starts one if none is running.
+
+mod grpc;
+mod health;
+mod openapi;
+mod proxy;
+mod rest;
+mod shutdown;
+mod store_conformance;
+mod support;
