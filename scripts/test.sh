@@ -4,7 +4,7 @@
 #
 #   ./scripts/test.sh
 #
-# Environment: ORDERS_CACHE (tool and build cache, default ~/.cache/orders-service),
+# Environment: TEST_KAFKA_BROKERS (default 127.0.0.1:9092), ORDERS_CACHE (tool and build cache, default ~/.cache/orders-service),
 # CARGO_TARGET_DIR (default $ORDERS_CACHE/target), TEST_DATABASE_URL (a PostgreSQL server
 # where tests may create databases).
 set -euo pipefail
@@ -14,6 +14,9 @@ started=$SECONDS
 
 log "services"
 "$ROOT/scripts/services.sh"
+"$ROOT/scripts/kafka.sh"
+export TANSU_BIN="$ORDERS_CACHE/tansu/bin/tansu"
+export TEST_KAFKA_BROKERS="${TEST_KAFKA_BROKERS:-127.0.0.1:9092}"
 log "tools"
 "$ROOT/scripts/tools.sh"
 BUF="$ORDERS_CACHE/node/node_modules/.bin/buf"

@@ -11,13 +11,19 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{pb::health_server::HealthServer, server::HealthReporter, server::HealthService};
 
 use crate::{
+    admin::{self, AdminState},
     config::Settings,
     grpc::GrpcOrders,
     health::Readiness,
     http::{self, AppState, Limits},
-    metrics::{self, GrpcMetricsLayer, Metrics},
+    metrics::{GrpcMetricsLayer, Metrics},
     orders::Orders,
+    outbox::{
+        Wakeup, notify,
+        relay::{Relay, RelaySettings},
+    },
     pb,
+    publish::{InMemoryBus, KafkaPublisher, Publisher},
     store::{self, Store},
 };
 
@@ -32,12 +38,21 @@ pub struct App {
     readiness: Arc<Readiness>,
     health: HealthReporter,
     shutdown: CancellationToken,
+    wakeup: Arc<Wakeup>,
+    /// The relay, when this process runs the relay role.
+    relay: Option<Arc<Relay>>,
+    /// The in-process bus, when no Kafka is configured.
+    bus: Option<Arc<InMemoryBus>>,
+    /// Cross-process wake-ups (PostgreSQL only): the pool and the notifier's queue.
+    pg_pool: Option<sqlx::PgPool>,
+    notify_rx: Option<tokio::sync::mpsc::Receiver<i32>>,
 }
 
 impl App {
     /// Connects the store (migrating it if configured) and binds every listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = store::connect(&settings.database).await.context("connecting to the database")?;
+        let store::Connected { store, pg_pool } =
+            store::connect(&settings.database).await.context("connecting to the database")?;
         if settings.database.migrate_on_start {
             store.migrate().await.context("applying migrations at startup")?;
         }
@@ -49,17 +64,78 @@ impl App {
         let admin = bind(settings.admin.addr, "APP_ADMIN__ADDR").await?;
         let health = HealthReporter::new();
         let readiness = Readiness::new(store.clone(), health.clone(), settings.health.check_timeout).await;
+        let metrics = Metrics::new()?;
+
+        let (notify_tx, notify_rx) = match &pg_pool {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1024);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let wakeup = Wakeup::new(notify_tx);
+        let (publisher, bus): (Arc<dyn Publisher>, _) = match &settings.kafka {
+            Some(kafka) => {
+                if kafka.create_topics {
+                    // Kafka being down must not stop the API: writes buffer in the outbox.
+                    if let Err(e) =
+                        kafka.client.create_topics(&[&settings.events.topic], kafka.topic_partitions).await
+                    {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "could not create Kafka topics; the relay retries"
+                        );
+                    }
+                }
+                (Arc::new(KafkaPublisher::new(&kafka.client)?), None)
+            }
+            None => {
+                if pg_pool.is_some() && settings.roles.relay {
+                    tracing::warn!(
+                        "APP_KAFKA__BROKERS is empty: events go to the in-process bus and leave no process"
+                    );
+                }
+                let bus = Arc::new(InMemoryBus::new(settings.events.max_message_bytes));
+                (bus.clone(), Some(bus))
+            }
+        };
+        let relay = settings.roles.relay.then(|| {
+            let owner = settings.outbox.relay_id.clone().unwrap_or_else(generated_relay_id);
+            Relay::new(
+                owner,
+                store.clone(),
+                publisher,
+                wakeup.clone(),
+                metrics.clone(),
+                relay_settings(&settings),
+            )
+        });
         Ok(Self {
             settings,
             http,
             grpc,
             admin,
             store,
-            metrics: Metrics::new()?,
+            metrics,
             readiness,
             health,
             shutdown: CancellationToken::new(),
+            wakeup,
+            relay,
+            bus,
+            pg_pool,
+            notify_rx,
         })
+    }
+
+    /// The relay of this process, if it runs the relay role (tests drive it directly).
+    pub fn relay(&self) -> Option<Arc<Relay>> {
+        self.relay.clone()
+    }
+
+    /// The in-process event bus, when no Kafka is configured.
+    pub fn bus(&self) -> Option<Arc<InMemoryBus>> {
+        self.bus.clone()
     }
 
     /// Where REST listens (useful with port 0).
@@ -85,7 +161,22 @@ impl App {
     /// Serves until shutdown, then stops accepting, drains in-flight requests for at most
     /// `APP_SHUTDOWN__DRAIN_TIMEOUT_MS`, and returns.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let App { settings, http, grpc, admin, store, metrics, readiness, health, shutdown } = self;
+        let App {
+            settings,
+            http,
+            grpc,
+            admin,
+            store,
+            metrics,
+            readiness,
+            health,
+            shutdown,
+            wakeup,
+            relay,
+            bus: _,
+            pg_pool,
+            notify_rx,
+        } = self;
         tracing::info!(
             http = %http.local_addr()?, grpc = %grpc.local_addr()?, admin = %admin.local_addr()?,
             "orders-service listening"
@@ -93,16 +184,33 @@ impl App {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         tokio::spawn(readiness.clone().run(settings.health.check_interval, shutdown.clone()));
 
-        let orders = Orders::new(store);
+        // Background tasks stop after the servers drained, so in-flight writes still wake them.
+        let background_stop = CancellationToken::new();
+        let mut background = Vec::new();
+        if let (Some(pool), Some(rx)) = (pg_pool.clone(), notify_rx) {
+            let window = settings.outbox.notify_window;
+            background.push(tokio::spawn(notify::run_notifier(pool, rx, window, background_stop.clone())));
+        }
+        if let Some(relay) = relay {
+            if let Some(pool) = pg_pool {
+                background.push(tokio::spawn(notify::run_listener(
+                    pool,
+                    wakeup.clone(),
+                    background_stop.clone(),
+                )));
+            }
+            background.push(tokio::spawn(relay.run(background_stop.clone())));
+        }
+
+        let admin_state =
+            AdminState { metrics: metrics.clone(), outbox: store.clone(), wakeup: wakeup.clone() };
+        let orders = Orders::new(store, wakeup, settings.outbox.partitions);
         let limits = Limits {
             request_timeout: settings.http.request_timeout,
             body_limit_bytes: settings.http.body_limit_bytes,
         };
-        let rest = http::router(
-            AppState { orders: orders.clone(), readiness: readiness.clone() },
-            metrics.clone(),
-            limits,
-        );
+        let state = AppState { orders: orders.clone(), readiness: readiness.clone() };
+        let rest = http::router(state, metrics.clone(), limits, settings.roles.api);
         let grpc_server = Server::builder()
             .timeout(settings.http.request_timeout)
             .layer(GrpcMetricsLayer(metrics.clone()))
@@ -110,7 +218,9 @@ impl App {
             .add_service(reflection().build_v1()?)
             // grpcurl before 1.9 and many other tools only speak v1alpha.
             .add_service(reflection().build_v1alpha()?)
-            .add_service(GrpcOrders::server(orders, settings.http.body_limit_bytes));
+            .add_optional_service(
+                settings.roles.api.then(|| GrpcOrders::server(orders, settings.http.body_limit_bytes)),
+            );
 
         // The admin server outlives the others so metrics stay scrapeable while draining.
         let admin_stop = CancellationToken::new();
@@ -137,7 +247,7 @@ impl App {
         let admin_task = {
             let stop = admin_stop.clone();
             tokio::spawn(async move {
-                axum::serve(admin, metrics::admin_router(metrics))
+                axum::serve(admin, admin::router(admin_state))
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await
                     .context("admin server")
@@ -170,6 +280,11 @@ impl App {
                     tracing::error!(server = name, error = format!("{e:#}"), "server failed while draining");
                 }
             }
+            // Then the relay finishes its in-flight batch, flushes and releases its leases.
+            background_stop.cancel();
+            for task in background {
+                let _ = task.await;
+            }
         };
         if tokio::time::timeout(settings.shutdown.drain_timeout, drain).await.is_err() {
             tracing::warn!(timeout = ?settings.shutdown.drain_timeout, "drain timed out; abandoning in-flight requests");
@@ -179,6 +294,27 @@ impl App {
         tracing::info!("stopped");
         failure.map_or(Ok(()), Err)
     }
+}
+
+fn relay_settings(settings: &Settings) -> RelaySettings {
+    RelaySettings {
+        partitions: settings.outbox.partitions,
+        batch_size: settings.outbox.batch_size,
+        poll_interval: settings.outbox.poll_interval,
+        lease_ttl: settings.outbox.lease_ttl,
+        publish_timeout: settings.publish_timeout(),
+        backoff: settings.outbox.backoff,
+        topic: settings.events.topic.clone(),
+        source: settings.events.source.clone(),
+    }
+}
+
+/// `$HOSTNAME` (the pod name in Kubernetes) plus a random suffix, so a restarted pod with
+/// the same name never inherits its predecessor's leases by accident.
+fn generated_relay_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "orders-service".to_owned());
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    format!("{host}-{}", &random[random.len() - 8..])
 }
 
 /// Serves the descriptors of every gRPC service here, so grpcurl and `buf curl` need no protos.

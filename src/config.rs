@@ -6,6 +6,8 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
+use crate::{backoff::Backoff, publish::KafkaSettings};
+
 /// Every variable this service reads, with its default and meaning.
 pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_HTTP__ADDR", "127.0.0.1:8080", "REST API, /healthz, /readyz"),
@@ -20,6 +22,23 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_HEALTH__CHECK_INTERVAL_MS", "5000", "how often gRPC health is refreshed"),
     ("APP_HEALTH__CHECK_TIMEOUT_MS", "1000", "deadline for one readiness check"),
     ("APP_SHUTDOWN__DRAIN_TIMEOUT_MS", "20000", "how long in-flight requests may finish"),
+    ("APP_ROLES", "api,relay", "what `serve` runs: any of api, relay"),
+    ("APP_KAFKA__BROKERS", "", "bootstrap servers; empty = in-process event bus"),
+    ("APP_KAFKA__PROPERTIES", "", "extra librdkafka properties, `key=value;…` (secret)"),
+    ("APP_KAFKA__MESSAGE_TIMEOUT_MS", "10000", "delivery deadline per message, retries included"),
+    ("APP_KAFKA__MESSAGE_MAX_BYTES", "1000000", "larger events are dead-lettered"),
+    ("APP_KAFKA__CREATE_TOPICS", "true", "create missing topics at startup"),
+    ("APP_KAFKA__TOPIC_PARTITIONS", "3", "partitions of topics created at startup"),
+    ("APP_EVENTS__TOPIC", "orders.events", "topic the relay publishes to"),
+    ("APP_EVENTS__SOURCE", "/orders-service", "CloudEvents source attribute"),
+    ("APP_OUTBOX__PARTITIONS", "16", "outbox partitions (P); change only with an empty outbox"),
+    ("APP_OUTBOX__BATCH_SIZE", "100", "rows fetched per partition per pass"),
+    ("APP_OUTBOX__POLL_INTERVAL_MS", "1000", "relay polling fallback"),
+    ("APP_OUTBOX__LEASE_TTL_MS", "30000", "partition lease duration (> 2 × message timeout)"),
+    ("APP_OUTBOX__NOTIFY_WINDOW_MS", "20", "coalescing window of cross-process wake-ups"),
+    ("APP_OUTBOX__RETRY_MIN_MS", "200", "first retry delay ceiling (full jitter)"),
+    ("APP_OUTBOX__RETRY_MAX_MS", "30000", "largest retry delay"),
+    ("APP_OUTBOX__RELAY_ID", "", "lease owner id; empty = $HOSTNAME plus a random suffix"),
     ("APP_LOG_FORMAT", "text", "text or json"),
     ("APP_LOG_LEVEL", "info", "tracing filter, e.g. info,orders_service=debug"),
 ];
@@ -62,6 +81,14 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Which roles `serve` runs.
+    pub roles: Roles,
+    /// Kafka, when `APP_KAFKA__BROKERS` is set; otherwise events use the in-process bus.
+    pub kafka: Option<KafkaConfig>,
+    /// Where events go.
+    pub events: EventsSettings,
+    /// The outbox relay.
+    pub outbox: OutboxSettings,
     /// `APP_*` variables that matched no setting (probably typos), reported after logging starts.
     unknown: Vec<String>,
 }
@@ -139,6 +166,56 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// The roles a `serve` process runs, so they can be split into separate Deployments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// REST and gRPC APIs.
+    pub api: bool,
+    /// The outbox relay.
+    pub relay: bool,
+}
+
+/// Kafka settings.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Producer and admin client settings.
+    pub client: KafkaSettings,
+    /// Create missing topics at startup (brokers without auto-creation, dev clusters).
+    pub create_topics: bool,
+    /// Partition count of topics created at startup.
+    pub topic_partitions: i32,
+}
+
+/// Event publishing.
+#[derive(Debug, Clone)]
+pub struct EventsSettings {
+    /// Topic of the events this service publishes.
+    pub topic: String,
+    /// CloudEvents `source`.
+    pub source: String,
+    /// Size limit of the in-process bus (the same limit Kafka's producer enforces).
+    pub max_message_bytes: usize,
+}
+
+/// Outbox relay settings.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// Number of partitions (P).
+    pub partitions: i32,
+    /// Rows per partition per pass.
+    pub batch_size: i64,
+    /// Polling fallback.
+    pub poll_interval: Duration,
+    /// Lease duration.
+    pub lease_ttl: Duration,
+    /// Coalescing window of cross-process NOTIFYs.
+    pub notify_window: Duration,
+    /// Retry delays.
+    pub backoff: Backoff,
+    /// Lease owner id; `None` = generated.
+    pub relay_id: Option<String>,
+}
+
 /// A configuration error naming the variable and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 #[error("{variable}: {message}")]
@@ -190,6 +267,38 @@ impl Settings {
                 },
                 level: env.raw("APP_LOG_LEVEL"),
             },
+            roles: parse_roles(&env.raw("APP_ROLES"))?,
+            kafka: match env.raw("APP_KAFKA__BROKERS") {
+                brokers if brokers.is_empty() => None,
+                brokers => Some(KafkaConfig {
+                    client: KafkaSettings {
+                        brokers,
+                        message_timeout: env.millis("APP_KAFKA__MESSAGE_TIMEOUT_MS")?,
+                        message_max_bytes: env.parse("APP_KAFKA__MESSAGE_MAX_BYTES")?,
+                        properties: parse_properties(&env.raw("APP_KAFKA__PROPERTIES"))?,
+                    },
+                    create_topics: env.parse("APP_KAFKA__CREATE_TOPICS")?,
+                    topic_partitions: env.parse("APP_KAFKA__TOPIC_PARTITIONS")?,
+                }),
+            },
+            events: EventsSettings {
+                topic: env.raw("APP_EVENTS__TOPIC"),
+                source: env.raw("APP_EVENTS__SOURCE"),
+                max_message_bytes: env.parse("APP_KAFKA__MESSAGE_MAX_BYTES")?,
+            },
+            outbox: OutboxSettings {
+                partitions: env.parse("APP_OUTBOX__PARTITIONS")?,
+                batch_size: env.parse("APP_OUTBOX__BATCH_SIZE")?,
+                poll_interval: env.millis("APP_OUTBOX__POLL_INTERVAL_MS")?,
+                lease_ttl: env.millis("APP_OUTBOX__LEASE_TTL_MS")?,
+                notify_window: env.millis("APP_OUTBOX__NOTIFY_WINDOW_MS")?,
+                backoff: Backoff::new(
+                    env.millis("APP_OUTBOX__RETRY_MIN_MS")?,
+                    env.millis("APP_OUTBOX__RETRY_MAX_MS")?,
+                )
+                .map_err(|e| error("APP_OUTBOX__RETRY_MIN_MS", e.to_string()))?,
+                relay_id: Some(env.raw("APP_OUTBOX__RELAY_ID")).filter(|id| !id.is_empty()),
+            },
             unknown: vars
                 .keys()
                 .filter(|k| !VARIABLES.iter().any(|(name, _, _)| name == k))
@@ -213,7 +322,33 @@ impl Settings {
         if self.http.body_limit_bytes < 1024 {
             return Err(error("APP_HTTP__BODY_LIMIT_BYTES", "must be at least 1024"));
         }
+        if !(1..=1024).contains(&self.outbox.partitions) {
+            return Err(error("APP_OUTBOX__PARTITIONS", "must be between 1 and 1024"));
+        }
+        if !(1..=10_000).contains(&self.outbox.batch_size) {
+            return Err(error("APP_OUTBOX__BATCH_SIZE", "must be between 1 and 10000"));
+        }
+        let publish_timeout = self.publish_timeout();
+        if self.outbox.lease_ttl <= publish_timeout * 2 {
+            return Err(error(
+                "APP_OUTBOX__LEASE_TTL_MS",
+                format!(
+                    "must exceed twice APP_KAFKA__MESSAGE_TIMEOUT_MS ({publish_timeout:?}) so a batch never outlives its lease"
+                ),
+            ));
+        }
+        if self.events.topic.is_empty() {
+            return Err(error("APP_EVENTS__TOPIC", "must not be empty"));
+        }
+        if !(1000..=100_000_000).contains(&self.events.max_message_bytes) {
+            return Err(error("APP_KAFKA__MESSAGE_MAX_BYTES", "must be between 1000 and 100000000"));
+        }
         Ok(())
+    }
+
+    /// Longest one publish may take: Kafka's delivery timeout, or a nominal second in-process.
+    pub fn publish_timeout(&self) -> Duration {
+        self.kafka.as_ref().map_or(Duration::from_secs(1), |k| k.client.message_timeout)
     }
 
     /// Logs a warning for each `APP_*` variable that matched no setting.
@@ -252,6 +387,33 @@ impl Vars<'_> {
     }
 }
 
+fn parse_roles(raw: &str) -> Result<Roles, ConfigError> {
+    let mut roles = Roles { api: false, relay: false };
+    for role in raw.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        match role {
+            "api" => roles.api = true,
+            "relay" => roles.relay = true,
+            other => return Err(error("APP_ROLES", format!("unknown role {other:?}; expected api, relay"))),
+        }
+    }
+    if !roles.api && !roles.relay {
+        return Err(error("APP_ROLES", "needs at least one role"));
+    }
+    Ok(roles)
+}
+
+/// `key=value;key=value` librdkafka properties.
+fn parse_properties(raw: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    raw.split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => Err(error("APP_KAFKA__PROPERTIES", "expected key=value pairs separated by ';'")),
+        })
+        .collect()
+}
+
 fn default_of(name: &str) -> &'static str {
     VARIABLES.iter().find(|(n, _, _)| *n == name).map(|(_, default, _)| *default).unwrap_or_default()
 }
@@ -288,6 +450,26 @@ mod tests {
         assert_eq!(err.variable, "APP_DATABASE__URL");
         let err = Settings::from_vars(vars(&[("APP_LOG_FORMAT", "xml")])).unwrap_err();
         assert!(err.to_string().starts_with("APP_LOG_FORMAT: "), "{err}");
+        let err = Settings::from_vars(vars(&[("APP_ROLES", "api,worker")])).unwrap_err();
+        assert_eq!(err.variable, "APP_ROLES");
+        let err = Settings::from_vars(vars(&[
+            ("APP_OUTBOX__RETRY_MIN_MS", "5000"),
+            ("APP_OUTBOX__RETRY_MAX_MS", "10"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable, "APP_OUTBOX__RETRY_MIN_MS");
+        let err = Settings::from_vars(vars(&[
+            ("APP_KAFKA__BROKERS", "k:9092"),
+            ("APP_OUTBOX__LEASE_TTL_MS", "15000"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable, "APP_OUTBOX__LEASE_TTL_MS");
+        let err = Settings::from_vars(vars(&[
+            ("APP_KAFKA__BROKERS", "k:9092"),
+            ("APP_KAFKA__PROPERTIES", "novalue"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable, "APP_KAFKA__PROPERTIES");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::{
     domain::{LineItemDraft, ListQuery, NewOrder, Order, OrderDraft, OrderId, OrderStatus},
     error::ApiError,
     orders::Orders,
+    outbox::TraceContext,
     pb::orders::v1::{
         self as pb,
         order_service_server::{OrderService, OrderServiceServer},
@@ -34,6 +35,7 @@ impl OrderService for GrpcOrders {
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
+        let trace = trace_context(request.metadata());
         let r = request.into_inner();
         let draft = OrderDraft {
             customer_id: r.customer_id,
@@ -50,7 +52,7 @@ impl OrderService for GrpcOrders {
             note: r.note,
         };
         let new = NewOrder::parse(draft).map_err(ApiError::from)?;
-        let order = self.orders.create(new).await?;
+        let order = self.orders.create(new, &trace).await?;
         Ok(Response::new(pb::CreateOrderResponse { order: Some(to_pb(order)) }))
     }
 
@@ -81,10 +83,17 @@ impl OrderService for GrpcOrders {
         &self,
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        let trace = trace_context(request.metadata());
         let id = OrderId::parse("id", &request.into_inner().id).map_err(ApiError::from)?;
-        let order = self.orders.cancel(id).await?;
+        let order = self.orders.cancel(id, &trace).await?;
         Ok(Response::new(pb::CancelOrderResponse { order: Some(to_pb(order)) }))
     }
+}
+
+/// The caller's W3C trace context from gRPC metadata.
+fn trace_context(metadata: &tonic::metadata::MetadataMap) -> TraceContext {
+    let get = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
+    TraceContext::from_headers(get("traceparent"), get("tracestate"))
 }
 
 fn to_pb(order: Order) -> pb::Order {

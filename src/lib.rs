@@ -11,6 +11,11 @@
 //! - [`domain`]: validated value types and the order state machine; no I/O crates.
 //! - [`orders`]: the use-cases; each state change owns exactly one store transaction.
 //! - [`store`]: the storage port and its PostgreSQL and SQLite adapters.
+//! - [`events`]: the events this service publishes, encoded for the outbox.
+//! - [`outbox`]: outbox rows, partition wake-ups and the relay that publishes them.
+//! - [`publish`]: the publisher port with its Kafka and in-process adapters.
+//! - [`backoff`]: exponential backoff with full jitter, shared by retry loops.
+//! - [`admin`]: the admin server: metrics and outbox dead-letter operations.
 //! - [`error`]: the API error type and the one table mapping it to HTTP and gRPC.
 //! - [`http`]: the REST API (axum), `/healthz`, `/readyz` and the OpenAPI document.
 //! - [`grpc`]: the `orders.v1.OrderService` gRPC API (tonic).
@@ -19,15 +24,20 @@
 //! - [`telemetry`]: structured logging.
 //! - [`pb`]: code generated from `proto/`; nothing else includes generated code.
 
+pub mod admin;
 pub mod app;
+pub mod backoff;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod orders;
+pub mod outbox;
 pub mod pb;
+pub mod publish;
 pub mod store;
 pub mod telemetry;

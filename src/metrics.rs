@@ -1,5 +1,5 @@
-//! Prometheus metrics and the admin server that exposes them on their own port (kept off
-//! the public listener so ingress never exposes them).
+//! Prometheus metrics, exposed by the admin server on their own port (kept off the public
+//! listener so ingress never exposes them).
 //!
 //! Names are stable and documented here; labels are route templates and gRPC method names,
 //! never raw paths or ids, so cardinality stays bounded.
@@ -10,6 +10,13 @@
 //! | `http_request_duration_seconds` | histogram | `method`, `route` |
 //! | `grpc_requests_total` | counter | `method`, `code` |
 //! | `grpc_request_duration_seconds` | histogram | `method` |
+//! | `outbox_pending` | gauge | rows waiting to be published |
+//! | `outbox_oldest_age_seconds` | gauge | age of the oldest waiting row |
+//! | `outbox_published_total` | counter | rows published and deleted |
+//! | `outbox_publish_errors_total` | counter | `kind` = `retriable` / `permanent` |
+//! | `outbox_dead_letters` | gauge | rows in the dead-letter table |
+//! | `outbox_partitions_owned` | gauge | partitions this replica's relay leases |
+//! | `outbox_publish_latency_seconds` | histogram | commit → broker acknowledgement |
 
 use std::{
     future::Future,
@@ -20,14 +27,15 @@ use std::{
 };
 
 use axum::{
-    Router,
     extract::{MatchedPath, Request, State},
-    http::{HeaderValue, header},
+    http::HeaderValue,
     middleware::Next,
-    response::{IntoResponse, Response},
-    routing::get,
+    response::Response,
 };
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
 
 /// Latency buckets in seconds, from 1 ms to 10 s.
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -49,6 +57,20 @@ pub struct Metrics {
     http_duration: HistogramVec,
     grpc_requests: IntCounterVec,
     grpc_duration: HistogramVec,
+    /// Outbox rows waiting to be published.
+    pub outbox_pending: IntGauge,
+    /// Age of the oldest waiting outbox row, seconds.
+    pub outbox_oldest_age: Gauge,
+    /// Outbox rows published and deleted.
+    pub outbox_published: IntCounter,
+    /// Publish failures by kind.
+    pub outbox_publish_errors: IntCounterVec,
+    /// Rows in the dead-letter table.
+    pub outbox_dead_letters: IntGauge,
+    /// Partitions leased by this replica's relay.
+    pub outbox_partitions_owned: IntGauge,
+    /// Commit → broker acknowledgement.
+    pub outbox_publish_latency: Histogram,
 }
 
 impl Metrics {
@@ -73,11 +95,48 @@ impl Metrics {
                 .buckets(BUCKETS.to_vec()),
             &["method"],
         )?;
+        let outbox_pending = IntGauge::new("outbox_pending", "Outbox rows waiting to be published")?;
+        let outbox_oldest_age =
+            Gauge::new("outbox_oldest_age_seconds", "Age of the oldest waiting outbox row in seconds")?;
+        let outbox_published =
+            IntCounter::new("outbox_published_total", "Outbox rows published and deleted")?;
+        let outbox_publish_errors = IntCounterVec::new(
+            Opts::new("outbox_publish_errors_total", "Outbox publish failures by kind"),
+            &["kind"],
+        )?;
+        let outbox_dead_letters =
+            IntGauge::new("outbox_dead_letters", "Rows in the outbox dead-letter table")?;
+        let outbox_partitions_owned =
+            IntGauge::new("outbox_partitions_owned", "Outbox partitions leased by this replica's relay")?;
+        let outbox_publish_latency = Histogram::with_opts(
+            HistogramOpts::new("outbox_publish_latency_seconds", "Outbox commit to broker acknowledgement")
+                .buckets(BUCKETS.to_vec()),
+        )?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(grpc_requests.clone()))?;
         registry.register(Box::new(grpc_duration.clone()))?;
-        Ok(Arc::new(Self { registry, http_requests, http_duration, grpc_requests, grpc_duration }))
+        registry.register(Box::new(outbox_pending.clone()))?;
+        registry.register(Box::new(outbox_oldest_age.clone()))?;
+        registry.register(Box::new(outbox_published.clone()))?;
+        registry.register(Box::new(outbox_publish_errors.clone()))?;
+        registry.register(Box::new(outbox_dead_letters.clone()))?;
+        registry.register(Box::new(outbox_partitions_owned.clone()))?;
+        registry.register(Box::new(outbox_publish_latency.clone()))?;
+        Ok(Arc::new(Self {
+            registry,
+            http_requests,
+            http_duration,
+            grpc_requests,
+            grpc_duration,
+            outbox_pending,
+            outbox_oldest_age,
+            outbox_published,
+            outbox_publish_errors,
+            outbox_dead_letters,
+            outbox_partitions_owned,
+            outbox_publish_latency,
+        }))
     }
 
     /// Encodes every metric in the Prometheus text format.
@@ -162,13 +221,4 @@ where
 
 fn grpc_code(value: &HeaderValue) -> &str {
     value.to_str().unwrap_or("invalid")
-}
-
-/// The admin router: `/metrics`.
-pub fn admin_router(metrics: Arc<Metrics>) -> Router {
-    Router::new().route("/metrics", get(render_metrics)).with_state(metrics)
-}
-
-async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
 }

@@ -9,6 +9,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use crate::{
     domain::{ListQuery, NewOrder, Order, OrderId, PageToken},
     error::ApiError,
+    events,
+    outbox::{TraceContext, Wakeup},
     store::Store,
 };
 
@@ -25,22 +27,29 @@ pub struct Page {
 #[derive(Clone)]
 pub struct Orders {
     store: Arc<dyn Store>,
+    /// Rung after each commit that wrote an outbox row.
+    wakeup: Arc<Wakeup>,
+    /// Number of outbox partitions (P).
+    partitions: i32,
 }
 
 impl Orders {
-    /// Builds the service over a store.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    /// Builds the service over a store; events go to `partitions` outbox partitions.
+    pub fn new(store: Arc<dyn Store>, wakeup: Arc<Wakeup>, partitions: i32) -> Self {
+        Self { store, wakeup, partitions }
     }
 
-    /// Stores a new PENDING order.
+    /// Stores a new PENDING order and its `OrderCreated` event in one transaction.
     #[tracing::instrument(skip_all, fields(order_id), err(level = "debug"))]
-    pub async fn create(&self, new: NewOrder) -> Result<Order, ApiError> {
+    pub async fn create(&self, new: NewOrder, trace: &TraceContext) -> Result<Order, ApiError> {
         let order = Order::create(OrderId::generate(), new, now());
         tracing::Span::current().record("order_id", tracing::field::display(order.id));
+        let event = events::order_created(&order, trace, self.partitions);
         let mut tx = self.store.begin().await?;
         tx.insert_order(&order).await?;
+        tx.insert_outbox(&event).await?;
         tx.commit().await?;
+        self.wakeup.committed(event.partition);
         Ok(order)
     }
 
@@ -64,15 +73,19 @@ impl Orders {
         Ok(Page { orders, next })
     }
 
-    /// Cancels a PENDING order; any other state is a conflict.
-    #[tracing::instrument(skip(self), err(level = "debug"))]
-    pub async fn cancel(&self, id: OrderId) -> Result<Order, ApiError> {
+    /// Cancels a PENDING order (any other state is a conflict) and emits `OrderCancelled`
+    /// in the same transaction.
+    #[tracing::instrument(skip(self, trace), err(level = "debug"))]
+    pub async fn cancel(&self, id: OrderId, trace: &TraceContext) -> Result<Order, ApiError> {
         let mut tx = self.store.begin().await?;
         let mut order = tx.get_order_for_update(id).await?.ok_or_else(|| not_found(id))?;
         let expected_version = order.version;
         order.cancel(now())?;
+        let event = events::order_cancelled(&order, trace, self.partitions);
         tx.update_order(&order, expected_version).await?;
+        tx.insert_outbox(&event).await?;
         tx.commit().await?;
+        self.wakeup.committed(event.partition);
         Ok(order)
     }
 }

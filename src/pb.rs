@@ -2,13 +2,21 @@
 //! depends on the wire types in exactly one place.
 #![allow(missing_docs)]
 
-/// `orders.v1`: the public gRPC API.
+/// `orders.*` packages.
 pub mod orders {
-    /// Version 1 of the orders API.
+    /// Version 1 of the public gRPC API.
     pub mod v1 {
         tonic::include_proto!("orders.v1");
     }
+    /// Event schemas published to Kafka.
+    pub mod events {
+        /// Version 1 of the event schemas, with proto3-JSON serde support.
+        pub mod v1 {
+            tonic::include_proto!("orders.events.v1");
+            include!(concat!(env!("OUT_DIR"), "/orders.events.v1.serde.rs"));
+        }
+    }
 }
 
-/// Encoded descriptors of every compiled proto file, served by gRPC reflection.
+/// Encoded descriptors of the gRPC API, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("orders_descriptor");

@@ -43,8 +43,12 @@ pub struct AppState {
 #[openapi(
     info(
         title = "orders-service",
-        description = "Orders REST API. Errors are RFC 9457 problem details (application/problem+json) \
-                       whose `type` is a stable URN, urn:problem-type:orders:<slug>.",
+        description = "Orders REST API.\n\nEvery error is an RFC 9457 problem details body \
+(application/problem+json) whose `type` is a stable URN `urn:problem-type:orders:<slug>`: \
+`validation` (400, with `errors[]` naming each field), `malformed-request` (400), \
+`unsupported-media-type` (415), `payload-too-large` (413), `not-found` (404), \
+`method-not-allowed` (405), `invalid-state` (409), `concurrent-update` (409, retry), \
+`unavailable` (503, retry after `Retry-After`), `timeout` (503, retry), `internal` (500).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(orders::create_order, orders::get_order, orders::list_orders, orders::cancel_order, healthz, readyz),
@@ -67,12 +71,17 @@ pub struct Limits {
     pub body_limit_bytes: usize,
 }
 
-/// Builds the REST router.
-pub fn router(state: AppState, metrics: Arc<Metrics>, limits: Limits) -> Router {
-    let api = Router::new()
-        .route("/v1/orders", post(orders::create_order).get(orders::list_orders))
-        .route("/v1/orders/{id}", get(orders::get_order))
-        .route("/v1/orders/{id}/cancel", post(orders::cancel_order))
+/// Builds the REST router; without the `api` role only the probes are served.
+pub fn router(state: AppState, metrics: Arc<Metrics>, limits: Limits, api_role: bool) -> Router {
+    let api = if api_role {
+        Router::new()
+            .route("/v1/orders", post(orders::create_order).get(orders::list_orders))
+            .route("/v1/orders/{id}", get(orders::get_order))
+            .route("/v1/orders/{id}/cancel", post(orders::cancel_order))
+    } else {
+        Router::new()
+    };
+    let api = api
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))

@@ -17,6 +17,7 @@ use super::{
 use crate::{
     domain::{LineItemDraft, ListQuery, NewOrder, Order, OrderDraft, OrderId, OrderStatus},
     error::{ApiError, Problem},
+    outbox::TraceContext,
 };
 
 /// One order line, in requests and responses.
@@ -169,10 +170,11 @@ impl From<CreateOrderBody> for OrderDraft {
 )]
 pub async fn create_order(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Json(body): Json<CreateOrderBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let new = NewOrder::parse(body.into())?;
-    let order = state.orders.create(new).await?;
+    let order = state.orders.create(new, &trace_context(&headers)).await?;
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/orders/{}", order.id)) {
         headers.insert(header::LOCATION, location);
@@ -236,7 +238,14 @@ pub async fn list_orders(
 pub async fn cancel_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<axum::Json<OrderBody>, ApiError> {
     let id = OrderId::parse("id", &id)?;
-    Ok(axum::Json(state.orders.cancel(id).await?.into()))
+    Ok(axum::Json(state.orders.cancel(id, &trace_context(&headers)).await?.into()))
+}
+
+/// The caller's W3C trace context, stored with the events this request emits.
+fn trace_context(headers: &HeaderMap) -> TraceContext {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    TraceContext::from_headers(get("traceparent"), get("tracestate"))
 }

@@ -6,7 +6,9 @@
 //! one state change in it (the outbox insert joins it later) and commits once.
 
 mod postgres;
+mod postgres_outbox;
 mod sqlite;
+mod sqlite_outbox;
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,6 +22,7 @@ use uuid::Uuid;
 use crate::{
     config::DatabaseSettings,
     domain::{Currency, CustomerId, LineItem, ListQuery, Note, Order, OrderId, OrderStatus, Quantity, Sku},
+    outbox::{DeadLetter, NewOutboxEvent, OutboxRecord, OutboxStore, TraceContext},
 };
 
 pub use postgres::PostgresStore;
@@ -61,9 +64,9 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// The storage port.
+/// The storage port: orders, and (as a supertrait) the outbox.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: OutboxStore {
     /// Starts a write transaction.
     async fn begin(&self) -> Result<Box<dyn Tx>, StoreError>;
     /// Reads one order.
@@ -89,24 +92,33 @@ pub trait Tx: Send {
     /// Writes the order's mutable fields if the stored version is still `expected_version`;
     /// otherwise fails with [`StoreError::Conflict`].
     async fn update_order(&mut self, order: &Order, expected_version: i64) -> Result<(), StoreError>;
+    /// Appends an event to the outbox, atomically with the state change it describes.
+    async fn insert_outbox(&mut self, event: &NewOutboxEvent) -> Result<(), StoreError>;
     /// Commits every write of this transaction atomically.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
+/// An opened store, plus the PostgreSQL pool when there is one (for LISTEN/NOTIFY).
+pub struct Connected {
+    /// The storage port.
+    pub store: Arc<dyn Store>,
+    /// `Some` for PostgreSQL.
+    pub pg_pool: Option<sqlx::PgPool>,
+}
+
 /// Opens the store named by the URL's scheme.
-pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<Connected> {
     let url = settings.url.expose();
-    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
-        Arc::new(SqliteStore::connect(settings).await?)
-    } else {
-        Arc::new(PostgresStore::connect(settings)?)
-    };
-    Ok(store)
+    if url.starts_with("sqlite:") {
+        return Ok(Connected { store: Arc::new(SqliteStore::connect(settings).await?), pg_pool: None });
+    }
+    let store = PostgresStore::connect(settings)?;
+    Ok(Connected { pg_pool: Some(store.pool().clone()), store: Arc::new(store) })
 }
 
 /// `orders-service migrate`: applies migrations and exits.
 pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
-    connect(settings).await?.migrate().await.context("applying migrations")?;
+    connect(settings).await?.store.migrate().await.context("applying migrations")?;
     tracing::info!("migrations applied");
     Ok(())
 }
@@ -245,6 +257,102 @@ fn corrupt(what: &str) -> StoreError {
 /// A stored value that fails validation means the row is corrupt.
 fn stored<T>(value: Result<T, crate::domain::FieldViolation>) -> Result<T, StoreError> {
     value.map_err(|v| corrupt(&v.field))
+}
+
+/// Appends an outbox row; portable SQL like [`insert_order`].
+async fn insert_outbox<'e, DB, E>(executor: E, event: &NewOutboxEvent) -> Result<(), StoreError>
+where
+    DB: Database,
+    E: Executor<'e, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> Uuid: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
+    for<'q> i32: Encode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
+    for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(
+        "INSERT INTO outbox (message_id, partition, aggregate_type, aggregate_id, event_type, payload,
+                             traceparent, tracestate, created_at, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+    )
+    .bind(event.message_id)
+    .bind(event.partition)
+    .bind(event.aggregate_type.to_owned())
+    .bind(event.aggregate_id.clone())
+    .bind(event.event_type.to_owned())
+    .bind(event.payload.clone())
+    .bind(event.trace.traceparent.clone())
+    .bind(event.trace.tracestate.clone())
+    .bind(event.created_at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Columns [`decode_outbox`] expects.
+const OUTBOX_COLUMNS: &str = "seq, message_id, aggregate_type, aggregate_id, event_type, payload, traceparent, \
+                              tracestate, created_at, attempts, next_attempt_at";
+
+/// Decodes an `outbox` row from either database.
+fn decode_outbox<'r, R>(row: &'r R) -> Result<OutboxRecord, StoreError>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    Uuid: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    i32: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+    DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let next_attempt_at: DateTime<Utc> = row.try_get("next_attempt_at")?;
+    Ok(OutboxRecord {
+        seq: row.try_get("seq")?,
+        message_id: row.try_get("message_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        event_type: row.try_get("event_type")?,
+        payload: row.try_get("payload")?,
+        trace: TraceContext {
+            traceparent: row.try_get("traceparent")?,
+            tracestate: row.try_get("tracestate")?,
+        },
+        created_at: row.try_get("created_at")?,
+        attempts: row.try_get("attempts")?,
+        due: next_attempt_at <= Utc::now(),
+    })
+}
+
+/// Columns [`decode_dead_letter`] expects.
+const DEAD_LETTER_COLUMNS: &str = "seq, message_id, aggregate_type, aggregate_id, event_type, \
+                                   length(payload) AS payload_bytes, attempts, error, created_at, dead_at";
+
+/// Decodes an `outbox_dead_letter` row from either database.
+fn decode_dead_letter<'r, R>(row: &'r R) -> Result<DeadLetter, StoreError>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    Uuid: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    i32: Decode<'r, R::Database> + Type<R::Database>,
+    DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(DeadLetter {
+        seq: row.try_get("seq")?,
+        message_id: row.try_get("message_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        event_type: row.try_get("event_type")?,
+        payload_bytes: row.try_get::<i32, _>("payload_bytes").map(i64::from)?,
+        attempts: row.try_get("attempts")?,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        dead_at: row.try_get("dead_at")?,
+    })
 }
 
 /// Columns selected by every order query, in the order [`decode_order`] expects them.

@@ -11,11 +11,13 @@ use sqlx::{
 };
 
 use super::{
-    ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, insert_order, update_order,
+    ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, insert_order, insert_outbox,
+    update_order,
 };
 use crate::{
     config::DatabaseSettings,
     domain::{ListQuery, Order, OrderId},
+    outbox::NewOutboxEvent,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -110,6 +112,10 @@ impl Tx for PgTx {
 
     async fn update_order(&mut self, order: &Order, expected_version: i64) -> Result<(), StoreError> {
         update_order(&mut *self.0, order, expected_version).await
+    }
+
+    async fn insert_outbox(&mut self, event: &NewOutboxEvent) -> Result<(), StoreError> {
+        insert_outbox(&mut *self.0, event).await
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {

@@ -7,9 +7,12 @@
 
 mod grpc;
 mod health;
+mod kafka;
 mod openapi;
+mod outbox;
 mod proxy;
 mod rest;
 mod shutdown;
 mod store_conformance;
 mod support;
+mod wakeup;

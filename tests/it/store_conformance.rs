@@ -13,7 +13,7 @@ use orders_service::{
 use crate::support::{Backend, fresh_postgres, settings};
 
 /// A migrated, empty store of the given kind (the temp dir keeps a SQLite file alive).
-async fn store(backend: Backend) -> (Arc<dyn Store>, Option<tempfile::TempDir>) {
+pub async fn store(backend: Backend) -> (Arc<dyn Store>, Option<tempfile::TempDir>) {
     let (url, dir) = match backend {
         Backend::Postgres => (fresh_postgres().await, None),
         Backend::Sqlite => {
@@ -22,7 +22,7 @@ async fn store(backend: Backend) -> (Arc<dyn Store>, Option<tempfile::TempDir>) 
         }
     };
     let db: DatabaseSettings = settings(&url, &[]).database;
-    let store = store::connect(&db).await.expect("connect");
+    let store = store::connect(&db).await.expect("connect").store;
     assert!(!store.migrations_applied().await.expect("check"), "a fresh database has pending migrations");
     store.migrate().await.expect("migrate");
     assert!(store.migrations_applied().await.expect("check"));

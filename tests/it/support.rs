@@ -117,6 +117,11 @@ impl TestApp {
         Self::start(backend, via_proxy, &[]).await
     }
 
+    /// Starts an instance on an existing PostgreSQL database (several instances may share one).
+    pub async fn start_on(database_url: String, extra: &[(&str, &str)]) -> Self {
+        Self::launch(database_url, None, false, extra).await
+    }
+
     async fn start(backend: Backend, via_proxy: bool, extra: &[(&str, &str)]) -> Self {
         let (database_url, dir) = match backend {
             Backend::Postgres => (fresh_postgres().await, None),
@@ -125,6 +130,15 @@ impl TestApp {
                 (format!("sqlite://{}/orders.db", dir.path().display()), Some(dir))
             }
         };
+        Self::launch(database_url, dir, via_proxy, extra).await
+    }
+
+    async fn launch(
+        database_url: String,
+        dir: Option<tempfile::TempDir>,
+        via_proxy: bool,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let (app_url, proxy) = if via_proxy {
             let proxy = ChaosProxy::start(host_of(&database_url)).await;
             (with_host(&database_url, proxy.addr), Some(proxy))

@@ -1,0 +1,272 @@
+//! The transactional outbox: events are written in the same transaction as the state
+//! change they describe, then published by the [`relay`] and deleted once the broker
+//! acknowledged them. Delivery is at least once and in order per aggregate.
+//!
+//! - Rows are spread over `P` partitions by a stable hash of the aggregate id; one relay at a
+//!   time owns a partition (leases in PostgreSQL; SQLite has a single relay), so one
+//!   aggregate's events are never published concurrently.
+//! - The write path never waits for the relay: after commit it only rings a [`Wakeup`].
+
+pub mod notify;
+pub mod relay;
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+use uuid::Uuid;
+
+use crate::store::StoreError;
+
+/// W3C trace context (`traceparent`, `tracestate`) captured from the writing request, so a
+/// trace spans request → outbox → relay → consumer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `00-<trace-id>-<parent-id>-<flags>`; invalid input is dropped, not stored.
+    pub traceparent: Option<String>,
+    /// Vendor trace state, kept only alongside a valid `traceparent`.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// Keeps the headers if `traceparent` is well formed (W3C Trace Context, version 00).
+    pub fn from_headers(traceparent: Option<&str>, tracestate: Option<&str>) -> Self {
+        let valid = traceparent.filter(|tp| {
+            let parts: Vec<&str> = tp.split('-').collect();
+            let hex = |s: &str, n: usize| {
+                s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            };
+            parts.len() == 4
+                && hex(parts[0], 2)
+                && parts[0] != "ff"
+                && hex(parts[1], 32)
+                && parts[1].bytes().any(|b| b != b'0')
+                && hex(parts[2], 16)
+                && parts[2].bytes().any(|b| b != b'0')
+                && hex(parts[3], 2)
+        });
+        match valid {
+            Some(tp) => Self {
+                traceparent: Some(tp.to_owned()),
+                tracestate: tracestate.filter(|s| s.len() <= 512).map(str::to_owned),
+            },
+            None => Self::default(),
+        }
+    }
+}
+
+/// An event to insert into the outbox.
+#[derive(Debug, Clone)]
+pub struct NewOutboxEvent {
+    /// Unique id; becomes the CloudEvents `id`.
+    pub message_id: Uuid,
+    /// `stable_hash(aggregate_id) mod P`.
+    pub partition: i32,
+    /// e.g. `order`.
+    pub aggregate_type: &'static str,
+    /// The aggregate's id; becomes the Kafka key and `ce_subject`.
+    pub aggregate_id: String,
+    /// CloudEvents `type`, e.g. `orders.events.v1.OrderCreated`.
+    pub event_type: &'static str,
+    /// The event in the proto3 JSON mapping.
+    pub payload: Vec<u8>,
+    /// Trace context of the request that caused the event.
+    pub trace: TraceContext,
+    /// When the change happened; becomes `ce_time`.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An outbox row as the relay reads it.
+#[derive(Debug, Clone)]
+pub struct OutboxRecord {
+    /// Insertion order; per aggregate also commit order.
+    pub seq: i64,
+    /// CloudEvents id.
+    pub message_id: Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Kafka key.
+    pub aggregate_id: String,
+    /// CloudEvents type.
+    pub event_type: String,
+    /// Message value.
+    pub payload: Vec<u8>,
+    /// Captured trace context.
+    pub trace: TraceContext,
+    /// Commit time (approximately); `ce_time`.
+    pub created_at: DateTime<Utc>,
+    /// Failed publish attempts so far.
+    pub attempts: i32,
+    /// Whether its backoff has elapsed.
+    pub due: bool,
+}
+
+/// A dead-lettered event, as the admin API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The original seq; replay puts the event back at this position.
+    pub seq: i64,
+    /// CloudEvents id.
+    pub message_id: Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id; its later events wait behind this one.
+    pub aggregate_id: String,
+    /// CloudEvents type.
+    pub event_type: String,
+    /// Size of the payload in bytes.
+    pub payload_bytes: i64,
+    /// Publish attempts before it was dead-lettered.
+    pub attempts: i32,
+    /// Why the broker rejected it.
+    pub error: String,
+    /// When the event was written.
+    pub created_at: DateTime<Utc>,
+    /// When it was dead-lettered.
+    pub dead_at: DateTime<Utc>,
+}
+
+/// Backlog figures for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutboxStats {
+    /// Rows waiting to be published.
+    pub pending: i64,
+    /// Age of the oldest waiting row, in seconds (0 when empty).
+    pub oldest_age_seconds: f64,
+    /// Rows in the dead-letter table.
+    pub dead_letters: i64,
+}
+
+/// The outbox side of the storage port.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
+    /// Heartbeats `owner`, rebalances partition leases evenly over the live relays and
+    /// returns the partitions `owner` holds for the next `ttl`.
+    async fn acquire_partitions(
+        &self,
+        owner: &str,
+        partitions: i32,
+        ttl: Duration,
+    ) -> Result<Vec<i32>, StoreError>;
+    /// Gives up every lease `owner` holds (graceful shutdown), so others take over at once.
+    async fn release_partitions(&self, owner: &str) -> Result<(), StoreError>;
+    /// The oldest `limit` rows of a partition in `seq` order, skipping aggregates that have a
+    /// dead letter (their later events wait).
+    async fn fetch_batch(&self, partition: i32, limit: i64) -> Result<Vec<OutboxRecord>, StoreError>;
+    /// Deletes published rows if `owner` still holds the partition's lease; returns how many.
+    async fn delete_published(&self, owner: &str, partition: i32, seqs: &[i64]) -> Result<u64, StoreError>;
+    /// Records a retriable failure and when to try again.
+    async fn record_failure(&self, seq: i64, error: &str, retry_in: Duration) -> Result<(), StoreError>;
+    /// Moves a row the broker rejected for good to the dead-letter table (lease checked).
+    async fn dead_letter(
+        &self,
+        owner: &str,
+        partition: i32,
+        seq: i64,
+        error: &str,
+    ) -> Result<bool, StoreError>;
+    /// The oldest dead letters.
+    async fn list_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Moves a dead letter back into the outbox at its original position; returns its
+    /// partition, or `None` if there is no such dead letter.
+    async fn replay_dead_letter(&self, seq: i64) -> Result<Option<i32>, StoreError>;
+    /// Backlog figures.
+    async fn stats(&self) -> Result<OutboxStats, StoreError>;
+}
+
+/// `stable_hash(aggregate_id) mod partitions`, with FNV-1a (32 bit) over the UTF-8 bytes:
+/// documented and trivial to reproduce in any language, and it never changes between
+/// releases (unlike `std`'s hasher).
+pub fn partition_of(aggregate_id: &str, partitions: i32) -> i32 {
+    let hash = aggregate_id.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    (hash % partitions.max(1) as u32) as i32
+}
+
+/// Post-commit wake-up of relays, never inside the write transaction: a NOTIFY in the
+/// transaction serializes commits on PostgreSQL's notification queue (measured here:
+/// 7,245 → 3,315 TPS).
+///
+/// A partition owned by this process's relay gets an in-process signal; any other goes to
+/// the [`notify`] task, which coalesces them into at most one `NOTIFY` per short window.
+pub struct Wakeup {
+    /// Wakes the local relay (coalescing: many commits, one wake-up).
+    local: Notify,
+    /// Partitions the local relay currently owns.
+    owned: RwLock<HashSet<i32>>,
+    /// Partitions to announce to relays in other processes; `None` without PostgreSQL.
+    remote: Option<mpsc::Sender<i32>>,
+}
+
+impl Wakeup {
+    /// A wake-up handle; `remote` feeds the cross-process notifier when there is one.
+    pub fn new(remote: Option<mpsc::Sender<i32>>) -> Arc<Self> {
+        Arc::new(Self { local: Notify::new(), owned: RwLock::new(HashSet::new()), remote })
+    }
+
+    /// Called after a commit that wrote an outbox row in `partition`.
+    pub fn committed(&self, partition: i32) {
+        let local = self.owned.read().map(|owned| owned.contains(&partition)).unwrap_or(false);
+        if local {
+            self.local.notify_one();
+        } else if let Some(remote) = &self.remote {
+            // A full queue already holds wake-ups; dropping this one loses nothing.
+            let _ = remote.try_send(partition);
+        }
+    }
+
+    /// Wakes the local relay unconditionally (a replayed dead letter, a NOTIFY received).
+    pub fn wake_local(&self) {
+        self.local.notify_one();
+    }
+
+    /// Waits until the local relay should look again.
+    pub async fn notified(&self) {
+        self.local.notified().await;
+    }
+
+    /// Records which partitions the local relay owns.
+    pub fn set_owned(&self, partitions: &[i32]) {
+        if let Ok(mut owned) = self.owned.write() {
+            owned.clear();
+            owned.extend(partitions.iter().copied());
+        }
+    }
+
+    /// Whether the local relay owns any of `partitions`.
+    pub fn owns_any(&self, partitions: &[i32]) -> bool {
+        self.owned.read().map(|owned| partitions.iter().any(|p| owned.contains(p))).unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitioning_is_stable_and_in_range() {
+        // Fixed vectors: changing the hash would silently reorder in-flight events.
+        assert_eq!(partition_of("", 16), (0x811c_9dc5u32 % 16) as i32);
+        assert_eq!(partition_of("a", 16), (0xe40c_292cu32 % 16) as i32);
+        for i in 0..1000 {
+            let p = partition_of(&format!("agg-{i}"), 7);
+            assert!((0..7).contains(&p));
+        }
+    }
+
+    #[test]
+    fn trace_context_keeps_only_valid_traceparents() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ctx = TraceContext::from_headers(Some(tp), Some("vendor=1"));
+        assert_eq!(ctx.traceparent.as_deref(), Some(tp));
+        assert_eq!(ctx.tracestate.as_deref(), Some("vendor=1"));
+        assert_eq!(TraceContext::from_headers(Some("garbage"), Some("x=1")), TraceContext::default());
+        let zero = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+        assert_eq!(TraceContext::from_headers(Some(zero), None), TraceContext::default());
+    }
+}

@@ -1,0 +1,57 @@
+//! The publisher port: where the relay sends events. Two adapters: Kafka (production) and
+//! an in-process bus (the embedded default, and what a single-process `cargo run` consumes).
+//! Both report per-message outcomes so the relay deletes exactly what was acknowledged.
+
+mod kafka;
+mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use kafka::{KafkaPublisher, KafkaSettings};
+pub use memory::{BusRecord, InMemoryBus};
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct OutboundMessage {
+    /// Destination topic.
+    pub topic: String,
+    /// Partitioning key (the aggregate id), so one aggregate's events stay in order.
+    pub key: String,
+    /// Message value.
+    pub payload: Vec<u8>,
+    /// Headers (CloudEvents binary mode and W3C trace context).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Why a message was not published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// Worth retrying later (broker unreachable, timeout, leader moving).
+    #[error("retriable: {0}")]
+    Retriable(String),
+    /// Will never succeed as is (message too large, invalid record): dead-letter it.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl PublishError {
+    /// Short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Retriable(_) => "retriable",
+            Self::Permanent(_) => "permanent",
+        }
+    }
+}
+
+/// The publisher port.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes a batch concurrently; the result for each message, in input order, arrives
+    /// only once the broker acknowledged (or definitively failed) it.
+    async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>>;
+    /// Waits for anything still in flight (graceful shutdown).
+    async fn flush(&self, timeout: Duration);
+}

@@ -1,0 +1,158 @@
+//! Kafka helpers for tests: the shared broker (`TEST_KAFKA_BROKERS`), unique topics per
+//! test, a reader, and private tansu brokers (`TANSU_BIN`) for outage scenarios.
+
+use std::{
+    collections::HashMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use orders_service::publish::{KafkaPublisher, KafkaSettings};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    message::Headers,
+};
+
+/// Partitions of every test topic.
+pub const TOPIC_PARTITIONS: i32 = 3;
+
+/// Bootstrap servers of the shared test broker.
+pub fn brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Producer settings for `brokers` with a short delivery timeout, so failures surface fast.
+pub fn settings(brokers: &str) -> KafkaSettings {
+    KafkaSettings {
+        brokers: brokers.to_owned(),
+        message_timeout: Duration::from_secs(2),
+        message_max_bytes: 1_000_000,
+        properties: Vec::new(),
+    }
+}
+
+/// A topic no other test uses, created on the shared broker.
+pub async fn fresh_topic() -> String {
+    let topic = format!("orders.events.test-{}", uuid::Uuid::now_v7().simple());
+    settings(&brokers()).create_topics(&[&topic], TOPIC_PARTITIONS).await.expect("create topic");
+    topic
+}
+
+/// A publisher to the shared broker.
+pub fn publisher() -> KafkaPublisher {
+    KafkaPublisher::new(&settings(&brokers())).expect("producer")
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Kafka key.
+    pub key: String,
+    /// Headers by name.
+    pub headers: HashMap<String, String>,
+    /// Value.
+    pub payload: Vec<u8>,
+    /// Kafka partition.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+}
+
+/// Reads `topic` from the beginning until `expected` records arrived or `timeout` passed;
+/// returns them ordered by (partition, offset).
+pub async fn read(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("test-reader-{}", uuid::Uuid::now_v7().simple()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..TOPIC_PARTITIONS {
+            assignment.add_partition_offset(&topic, p, Offset::Beginning).expect("partition");
+        }
+        consumer.assign(&assignment).expect("assign");
+        let deadline = Instant::now() + timeout;
+        let mut records = Vec::new();
+        while records.len() < expected && Instant::now() < deadline {
+            let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
+            let message = message.expect("consume");
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(Record {
+                key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                headers,
+                payload: message.payload().unwrap_or_default().to_vec(),
+                partition: message.partition(),
+                offset: message.offset(),
+            });
+        }
+        records.sort_by_key(|r| (r.partition, r.offset));
+        records
+    })
+    .await
+    .expect("reader task")
+}
+
+/// A private tansu broker on its own port, stopped (by PID) when dropped.
+pub struct PrivateBroker {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+}
+
+impl PrivateBroker {
+    /// Starts tansu on `port` (memory storage) and waits until it accepts connections.
+    pub async fn start(port: u16) -> Self {
+        let bin = std::env::var("TANSU_BIN")
+            .expect("TANSU_BIN names the tansu binary (scripts/kafka.sh installs it)");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let addr = format!("127.0.0.1:{port}");
+        crate::support::eventually(Duration::from_secs(10), "private tansu to listen", || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(&addr).await.is_ok() }
+        })
+        .await;
+        Self { child, addr }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nothing listens on right now (below the ephemeral range).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let port = 20_000 + (uuid::Uuid::now_v7().as_u128() % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found");
+}

@@ -1,0 +1,529 @@
+//! Outbox and relay against the real components: PostgreSQL with the Kafka broker, and
+//! SQLite with the in-process bus. Relays are driven pass by pass with `relay_once`.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use orders_service::{
+    backoff::Backoff,
+    domain::{LineItemDraft, NewOrder, Order, OrderDraft},
+    metrics::Metrics,
+    orders::Orders,
+    outbox::{
+        DeadLetter, OutboxRecord, OutboxStats, OutboxStore, TraceContext, Wakeup,
+        relay::{Relay, RelaySettings},
+    },
+    pb::orders::events::v1::{OrderCancelled, OrderCreated},
+    publish::{InMemoryBus, KafkaPublisher, OutboundMessage, PublishError, Publisher},
+    store::{Store, StoreError},
+};
+
+use crate::{kafka, store_conformance::store, support::Backend};
+
+const PARTITIONS: i32 = 8;
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// Where a test's events go, and how to read them back.
+pub struct Sink {
+    pub publisher: Arc<dyn Publisher>,
+    bus: Option<Arc<InMemoryBus>>,
+    pub topic: String,
+    brokers: String,
+}
+
+impl Sink {
+    pub async fn kafka() -> Self {
+        let topic = kafka::fresh_topic().await;
+        Self { publisher: Arc::new(kafka::publisher()), bus: None, topic, brokers: kafka::brokers() }
+    }
+
+    pub fn bus(max_message_bytes: usize) -> Self {
+        let bus = Arc::new(InMemoryBus::new(max_message_bytes));
+        Self { publisher: bus.clone(), bus: Some(bus), topic: "orders.events".into(), brokers: String::new() }
+    }
+
+    /// The same destination through a publisher with a smaller size limit.
+    fn with_limit(&self, max_message_bytes: usize) -> Arc<dyn Publisher> {
+        match &self.bus {
+            Some(bus) => Arc::new(SizeLimit { inner: bus.clone(), max_message_bytes }),
+            None => {
+                let mut settings = kafka::settings(&self.brokers);
+                settings.message_max_bytes = max_message_bytes;
+                Arc::new(KafkaPublisher::new(&settings).expect("producer"))
+            }
+        }
+    }
+
+    pub async fn read(&self, expected: usize) -> Vec<kafka::Record> {
+        match &self.bus {
+            Some(bus) => bus
+                .records(&self.topic)
+                .into_iter()
+                .map(|r| kafka::Record {
+                    key: r.key,
+                    headers: r.headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    payload: r.payload,
+                    partition: 0,
+                    offset: r.offset as i64,
+                })
+                .collect(),
+            None => kafka::read(&self.brokers, &self.topic, expected, Duration::from_secs(15)).await,
+        }
+    }
+}
+
+/// The in-process bus with a lower size limit (the bus checks its own limit the same way).
+struct SizeLimit {
+    inner: Arc<InMemoryBus>,
+    max_message_bytes: usize,
+}
+
+#[async_trait]
+impl Publisher for SizeLimit {
+    async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>> {
+        let mut results = Vec::new();
+        for message in messages {
+            if message.payload.len() > self.max_message_bytes {
+                results.push(Err(PublishError::Permanent("message too large".into())));
+            } else {
+                results.extend(self.inner.publish(vec![message]).await);
+            }
+        }
+        results
+    }
+    async fn flush(&self, timeout: Duration) {
+        self.inner.flush(timeout).await;
+    }
+}
+
+/// Store, use-cases and the pieces a relay needs, without any server.
+pub struct Pipeline {
+    pub store: Arc<dyn Store>,
+    pub orders: Orders,
+    pub metrics: Arc<Metrics>,
+    wakeup: Arc<Wakeup>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Pipeline {
+    pub async fn new(backend: Backend) -> Self {
+        let (store, dir) = store(backend).await;
+        let wakeup = Wakeup::new(None);
+        let orders = Orders::new(store.clone(), wakeup.clone(), PARTITIONS);
+        Self { store, orders, metrics: Metrics::new().expect("metrics"), wakeup, _dir: dir }
+    }
+
+    pub fn relay(
+        &self,
+        owner: &str,
+        store: Arc<dyn OutboxStore>,
+        publisher: Arc<dyn Publisher>,
+        topic: &str,
+        lease_ttl: Duration,
+    ) -> Arc<Relay> {
+        let settings = RelaySettings {
+            partitions: PARTITIONS,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease_ttl,
+            publish_timeout: lease_ttl / 3,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)).expect("backoff"),
+            topic: topic.to_owned(),
+            source: "/orders-service/test".into(),
+        };
+        Relay::new(owner.to_owned(), store, publisher, self.wakeup.clone(), self.metrics.clone(), settings)
+    }
+
+    pub async fn create(&self, items: usize) -> Order {
+        new_order(&self.orders, items).await
+    }
+
+    pub async fn pending(&self) -> i64 {
+        self.store.stats().await.expect("stats").pending
+    }
+
+    /// Runs passes until the outbox is empty (bounded by 60 s).
+    pub async fn drain(&self, relay: &Relay) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.pending().await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "outbox did not drain: {} rows left",
+                self.pending().await
+            );
+            relay.relay_once().await.expect("pass");
+            if self.pending().await > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await; // let retry backoff elapse
+            }
+        }
+    }
+}
+
+/// Creates a valid order with `items` lines, carrying a trace context.
+async fn new_order(orders: &Orders, items: usize) -> Order {
+    let draft = OrderDraft {
+        customer_id: "cust-1".into(),
+        items: (0..items)
+            .map(|i| LineItemDraft { sku: format!("SKU-{i}"), quantity: 1, unit_price_minor: 100 })
+            .collect(),
+        currency: "EUR".into(),
+        note: None,
+    };
+    let trace = TraceContext::from_headers(Some(TRACEPARENT), Some("vendor=1"));
+    orders.create(NewOrder::parse(draft).expect("valid"), &trace).await.expect("create")
+}
+
+fn header<'a>(record: &'a kafka::Record, name: &str) -> &'a str {
+    record
+        .headers
+        .get(name)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("header {name} missing: {record:?}"))
+}
+
+async fn events_are_complete_ordered_and_well_formed(backend: Backend, sink: Sink) {
+    let pipeline = Pipeline::new(backend).await;
+    let creates = (0..30).map(|_| {
+        let orders = pipeline.orders.clone();
+        async move { new_order(&orders, 2).await }
+    });
+    let orders: Vec<Order> = futures_join_all(creates).await;
+    for order in orders.iter().take(10) {
+        pipeline.orders.cancel(order.id, &TraceContext::default()).await.expect("cancel");
+    }
+    assert_eq!(pipeline.pending().await, 40, "one outbox row per change, committed with it");
+    let relay = pipeline.relay(
+        "relay-a",
+        pipeline.store.clone(),
+        sink.publisher.clone(),
+        &sink.topic,
+        Duration::from_secs(10),
+    );
+    pipeline.drain(&relay).await;
+
+    let records = sink.read(40).await;
+    assert_eq!(records.len(), 40, "exactly one event per change");
+    let mut ids = std::collections::HashSet::new();
+    let mut per_order: HashMap<String, Vec<&str>> = HashMap::new();
+    for record in &records {
+        assert_eq!(header(record, "ce_specversion"), "1.0");
+        assert_eq!(header(record, "ce_source"), "/orders-service/test");
+        assert_eq!(header(record, "ce_subject"), record.key);
+        assert_eq!(header(record, "content-type"), "application/json");
+        assert!(chrono::DateTime::parse_from_rfc3339(header(record, "ce_time")).is_ok());
+        assert!(ids.insert(header(record, "ce_id").to_owned()), "ce_id is unique per event");
+        let ce_type = header(record, "ce_type");
+        match ce_type {
+            "orders.events.v1.OrderCreated" => {
+                let event: OrderCreated = serde_json::from_slice(&record.payload).expect("OrderCreated JSON");
+                assert_eq!(event.order_id, record.key);
+                assert_eq!((event.total_minor, event.items.len(), event.version), (200, 2, 1));
+                assert_eq!(header(record, "traceparent"), TRACEPARENT);
+                assert_eq!(header(record, "tracestate"), "vendor=1");
+            }
+            "orders.events.v1.OrderCancelled" => {
+                let event: OrderCancelled =
+                    serde_json::from_slice(&record.payload).expect("OrderCancelled JSON");
+                assert_eq!((event.order_id.as_str(), event.version), (record.key.as_str(), 2));
+                assert!(!record.headers.contains_key("traceparent"), "no trace context was given");
+            }
+            other => panic!("unexpected ce_type {other}"),
+        }
+        per_order.entry(record.key.clone()).or_default().push(ce_type);
+    }
+    assert_eq!(per_order.len(), 30);
+    for order in &orders[..10] {
+        let types = &per_order[&order.id.to_string()];
+        assert_eq!(
+            types,
+            &["orders.events.v1.OrderCreated", "orders.events.v1.OrderCancelled"],
+            "per-order order kept"
+        );
+    }
+    assert_eq!(pipeline.metrics.outbox_published.get(), 40);
+}
+
+/// An outbox whose deletes fail: the relay "dies" after publishing, before deleting.
+struct DeletesFail(Arc<dyn Store>);
+
+#[async_trait]
+impl OutboxStore for DeletesFail {
+    async fn acquire_partitions(&self, o: &str, p: i32, ttl: Duration) -> Result<Vec<i32>, StoreError> {
+        self.0.acquire_partitions(o, p, ttl).await
+    }
+    async fn release_partitions(&self, o: &str) -> Result<(), StoreError> {
+        self.0.release_partitions(o).await
+    }
+    async fn fetch_batch(&self, p: i32, l: i64) -> Result<Vec<OutboxRecord>, StoreError> {
+        self.0.fetch_batch(p, l).await
+    }
+    async fn delete_published(&self, _: &str, _: i32, _: &[i64]) -> Result<u64, StoreError> {
+        Err(StoreError::Unavailable(anyhow::anyhow!("relay crashed before deleting")))
+    }
+    async fn record_failure(&self, s: i64, e: &str, r: Duration) -> Result<(), StoreError> {
+        self.0.record_failure(s, e, r).await
+    }
+    async fn dead_letter(&self, o: &str, p: i32, s: i64, e: &str) -> Result<bool, StoreError> {
+        self.0.dead_letter(o, p, s, e).await
+    }
+    async fn list_dead_letters(&self, l: i64) -> Result<Vec<DeadLetter>, StoreError> {
+        self.0.list_dead_letters(l).await
+    }
+    async fn replay_dead_letter(&self, s: i64) -> Result<Option<i32>, StoreError> {
+        self.0.replay_dead_letter(s).await
+    }
+    async fn stats(&self) -> Result<OutboxStats, StoreError> {
+        self.0.stats().await
+    }
+}
+
+async fn a_relay_that_dies_before_deleting_is_followed_by_a_republish(backend: Backend, sink: Sink) {
+    let pipeline = Pipeline::new(backend).await;
+    let order = pipeline.create(1).await;
+    let doomed = pipeline.relay(
+        "relay-doomed",
+        Arc::new(DeletesFail(pipeline.store.clone())),
+        sink.publisher.clone(),
+        &sink.topic,
+        Duration::from_secs(10),
+    );
+    assert!(doomed.relay_once().await.is_err(), "published, then failed to delete");
+    assert_eq!(pipeline.pending().await, 1, "nothing lost: the row is still there");
+    // The restarted relay (same owner id, as after a crash-restart) publishes it again.
+    let restarted = pipeline.relay(
+        "relay-doomed",
+        pipeline.store.clone(),
+        sink.publisher.clone(),
+        &sink.topic,
+        Duration::from_secs(10),
+    );
+    pipeline.drain(&restarted).await;
+    let records = sink.read(2).await;
+    assert_eq!(records.len(), 2, "at-least-once: the event arrives twice");
+    assert_eq!(
+        header(&records[0], "ce_id"),
+        header(&records[1], "ce_id"),
+        "the duplicate carries the same ce_id"
+    );
+    assert!(records.iter().all(|r| r.key == order.id.to_string()));
+}
+
+async fn a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it(backend: Backend, sink: Sink) {
+    let pipeline = Pipeline::new(backend).await;
+    let big = pipeline.create(100).await; // ~5 KB of JSON
+    pipeline.orders.cancel(big.id, &TraceContext::default()).await.expect("cancel"); // must wait behind it
+    let small = pipeline.create(1).await;
+    let strict = pipeline.relay(
+        "relay-strict",
+        pipeline.store.clone(),
+        sink.with_limit(2000),
+        &sink.topic,
+        Duration::from_secs(10),
+    );
+    for _ in 0..3 {
+        strict.relay_once().await.expect("pass");
+    }
+    let dead = pipeline.store.list_dead_letters(10).await.expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].aggregate_id, big.id.to_string());
+    assert_eq!(dead[0].event_type, "orders.events.v1.OrderCreated");
+    assert!(
+        dead[0].error.to_lowercase().contains("too large") || dead[0].error.contains("exceeds"),
+        "{}",
+        dead[0].error
+    );
+    assert_eq!(pipeline.pending().await, 1, "the big order's cancel waits behind its dead letter");
+    assert_eq!(pipeline.metrics.outbox_publish_errors.with_label_values(&["permanent"]).get(), 1);
+    let published = sink.read(1).await;
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].key, small.id.to_string(), "other aggregates keep flowing");
+
+    // The strict relay stops gracefully, handing its partitions over at once.
+    pipeline.store.release_partitions("relay-strict").await.expect("release");
+    assert_eq!(
+        pipeline.store.replay_dead_letter(dead[0].seq).await.expect("replay"),
+        Some(dead[0].partition())
+    );
+    assert_eq!(pipeline.store.replay_dead_letter(dead[0].seq).await.expect("replay"), None, "replayed once");
+    let relaxed = pipeline.relay(
+        "relay-relaxed",
+        pipeline.store.clone(),
+        sink.publisher.clone(),
+        &sink.topic,
+        Duration::from_secs(10),
+    );
+    pipeline.drain(&relaxed).await;
+    let records = sink.read(3).await;
+    let big_events: Vec<&str> =
+        records.iter().filter(|r| r.key == big.id.to_string()).map(|r| header(r, "ce_type")).collect();
+    assert_eq!(
+        big_events,
+        ["orders.events.v1.OrderCreated", "orders.events.v1.OrderCancelled"],
+        "replay kept the order"
+    );
+    assert!(pipeline.store.list_dead_letters(10).await.expect("list").is_empty());
+}
+
+/// Partition of a dead letter, recomputed the way the outbox assigns it.
+trait PartitionOf {
+    fn partition(&self) -> i32;
+}
+impl PartitionOf for DeadLetter {
+    fn partition(&self) -> i32 {
+        orders_service::outbox::partition_of(&self.aggregate_id, PARTITIONS)
+    }
+}
+
+/// Awaits every future concurrently (a tiny join_all without the futures crate).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outputs.push(handle.await.expect("task"));
+    }
+    outputs
+}
+
+#[tokio::test]
+async fn broker_down_writes_succeed_the_backlog_grows_and_drains_without_loss() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let port = kafka::free_port();
+    let mut settings = kafka::settings(&format!("127.0.0.1:{port}"));
+    // Reconnect quickly once the broker is back (the default backs off up to 10 s).
+    settings.properties = vec![("reconnect.backoff.max.ms".into(), "500".into())];
+    let publisher = Arc::new(KafkaPublisher::new(&settings).expect("producer"));
+    let topic = "orders.events.outage";
+    let relay =
+        pipeline.relay("relay-outage", pipeline.store.clone(), publisher, topic, Duration::from_secs(10));
+
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..5 {
+        ids.insert(pipeline.create(1).await.id.to_string()); // writes never wait for Kafka
+    }
+    let report = relay.relay_once().await.expect("pass");
+    assert_eq!((report.published, report.retried), (0, 5), "broker unreachable: every row is retried later");
+    assert_eq!(pipeline.metrics.outbox_pending.get(), 5);
+    assert_eq!(pipeline.metrics.outbox_publish_errors.with_label_values(&["retriable"]).get(), 5);
+    for _ in 0..3 {
+        ids.insert(pipeline.create(1).await.id.to_string());
+    }
+    assert_eq!(pipeline.pending().await, 8, "the outbox buffers the outage");
+
+    let broker = kafka::PrivateBroker::start(port).await;
+    kafka::settings(&broker.addr).create_topics(&[topic], kafka::TOPIC_PARTITIONS).await.expect("topic");
+    pipeline.drain(&relay).await;
+    let records = kafka::read(&broker.addr, topic, 8, Duration::from_secs(15)).await;
+    let keys: std::collections::HashSet<String> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys, ids, "every order's event arrived after the outage");
+    relay.relay_once().await.expect("pass"); // refreshes the gauges
+    assert_eq!(pipeline.metrics.outbox_pending.get(), 0);
+}
+
+#[tokio::test]
+async fn two_relays_split_partitions_evenly_never_overlap_and_fail_over() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let sink = Sink::bus(1_000_000);
+    let ttl = Duration::from_millis(1500);
+    let relay =
+        |owner: &str| pipeline.relay(owner, pipeline.store.clone(), sink.publisher.clone(), &sink.topic, ttl);
+    let (a, b) = (relay("relay-a"), relay("relay-b"));
+    assert_eq!(
+        a.heartbeat().await.expect("heartbeat").len(),
+        PARTITIONS as usize,
+        "alone, A owns everything"
+    );
+
+    let disjoint = |x: &[i32], y: &[i32]| x.iter().all(|p| !y.contains(p));
+    let mut settled = false;
+    for _ in 0..4 {
+        let owned_b = b.heartbeat().await.expect("heartbeat");
+        let owned_a = a.heartbeat().await.expect("heartbeat");
+        assert!(disjoint(&owned_a, &owned_b), "a partition had two owners: {owned_a:?} / {owned_b:?}");
+        if owned_a.len() == 4 && owned_b.len() == 4 {
+            settled = true;
+            break;
+        }
+    }
+    assert!(settled, "leases settle to an even split");
+
+    let mut expected = std::collections::HashSet::new();
+    for _ in 0..20 {
+        expected.insert(pipeline.create(1).await.id.to_string());
+    }
+    for _ in 0..3 {
+        a.relay_once().await.expect("pass");
+        b.relay_once().await.expect("pass");
+    }
+    assert_eq!(pipeline.pending().await, 0, "together they publish every partition");
+
+    // A dies without releasing its leases; B takes them over once they expire.
+    drop(a);
+    for _ in 0..10 {
+        expected.insert(pipeline.create(1).await.id.to_string());
+    }
+    assert_eq!(b.heartbeat().await.expect("heartbeat").len(), 4, "A's leases are still valid");
+    crate::support::eventually(ttl * 4, "B to take over A's partitions", || async {
+        b.heartbeat().await.expect("heartbeat").len() == PARTITIONS as usize
+    })
+    .await;
+    pipeline.drain(&b).await;
+    let records = sink.read(30).await;
+    let keys: std::collections::HashSet<String> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(records.len(), 30, "no duplicates without failures");
+    assert_eq!(keys, expected, "all events delivered");
+}
+
+mod postgres_kafka {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_are_complete_ordered_and_well_formed() {
+        super::events_are_complete_ordered_and_well_formed(Backend::Postgres, Sink::kafka().await).await;
+    }
+    #[tokio::test]
+    async fn a_relay_that_dies_before_deleting_is_followed_by_a_republish() {
+        super::a_relay_that_dies_before_deleting_is_followed_by_a_republish(
+            Backend::Postgres,
+            Sink::kafka().await,
+        )
+        .await;
+    }
+    #[tokio::test]
+    async fn a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it() {
+        super::a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it(
+            Backend::Postgres,
+            Sink::kafka().await,
+        )
+        .await;
+    }
+}
+
+mod sqlite_bus {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_are_complete_ordered_and_well_formed() {
+        super::events_are_complete_ordered_and_well_formed(Backend::Sqlite, Sink::bus(1_000_000)).await;
+    }
+    #[tokio::test]
+    async fn a_relay_that_dies_before_deleting_is_followed_by_a_republish() {
+        super::a_relay_that_dies_before_deleting_is_followed_by_a_republish(
+            Backend::Sqlite,
+            Sink::bus(1_000_000),
+        )
+        .await;
+    }
+    #[tokio::test]
+    async fn a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it() {
+        super::a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it(
+            Backend::Sqlite,
+            Sink::bus(1_000_000),
+        )
+        .await;
+    }
+}
