@@ -4,7 +4,9 @@
 //!
 //! - `GET /admin/outbox/dead-letters?limit=` lists dead letters, oldest first;
 //! - `POST /admin/outbox/dead-letters/{seq}/replay` puts one back into the outbox at its
-//!   original position and wakes the relay.
+//!   original position and wakes the relay;
+//! - `GET /admin/bus/{topic}` shows what the in-process bus holds (embedded mode only), so
+//!   `cargo run` users can see the events the relay published.
 
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use crate::{
     error::ApiError,
     metrics::Metrics,
     outbox::{DeadLetter, OutboxStore, Wakeup},
+    publish::InMemoryBus,
 };
 
 /// What the admin handlers need.
@@ -32,6 +35,8 @@ pub struct AdminState {
     pub outbox: Arc<dyn OutboxStore>,
     /// Wakes the local relay after a replay.
     pub wakeup: Arc<Wakeup>,
+    /// The in-process bus, when no Kafka is configured.
+    pub bus: Option<Arc<InMemoryBus>>,
 }
 
 /// The admin router.
@@ -40,6 +45,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/admin/outbox/dead-letters", get(list_dead_letters))
         .route("/admin/outbox/dead-letters/{seq}/replay", post(replay_dead_letter))
+        .route("/admin/bus/{topic}", get(bus_records))
         .with_state(state)
 }
 
@@ -72,4 +78,26 @@ async fn replay_dead_letter(
         }
         None => Err(ApiError::NotFound { resource: "dead letter", id: seq.to_string() }),
     }
+}
+
+/// The in-process bus's records of a topic: headers, key and the JSON value.
+async fn bus_records(
+    State(state): State<AdminState>,
+    Path(topic): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Some(bus) = &state.bus else {
+        return Err(ApiError::NotFound { resource: "in-process bus (Kafka is configured)", id: topic });
+    };
+    let records: Vec<serde_json::Value> = bus
+        .records(&topic)
+        .into_iter()
+        .map(|r| {
+            let value = serde_json::from_slice::<serde_json::Value>(&r.payload)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&r.payload).into());
+            let headers: serde_json::Map<String, serde_json::Value> =
+                r.headers.into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
+            serde_json::json!({ "offset": r.offset, "key": r.key, "headers": headers, "value": value })
+        })
+        .collect();
+    Ok(Json(records))
 }

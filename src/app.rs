@@ -173,7 +173,7 @@ impl App {
             shutdown,
             wakeup,
             relay,
-            bus: _,
+            bus,
             pg_pool,
             notify_rx,
         } = self;
@@ -203,7 +203,7 @@ impl App {
         }
 
         let admin_state =
-            AdminState { metrics: metrics.clone(), outbox: store.clone(), wakeup: wakeup.clone() };
+            AdminState { metrics: metrics.clone(), outbox: store.clone(), wakeup: wakeup.clone(), bus };
         let orders = Orders::new(store, wakeup, settings.outbox.partitions);
         let limits = Limits {
             request_timeout: settings.http.request_timeout,

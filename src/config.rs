@@ -473,6 +473,21 @@ mod tests {
     }
 
     #[test]
+    fn every_variable_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        for (name, default, _) in VARIABLES {
+            let row = format!("| `{name}` | ");
+            assert!(readme.contains(&row), "README.md has no configuration row for {name}");
+            if !default.is_empty() {
+                assert!(
+                    readme.contains(&format!("{row}`{default}` |")),
+                    "README.md shows a wrong default for {name}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let settings = Settings::from_vars(vars(&[("APP_DATABASE__URL", "postgres://u:hunter2@db/orders")]))
             .expect("valid");

@@ -291,6 +291,47 @@ where
     Ok(())
 }
 
+/// The oldest `$2` rows of partition `$1`, skipping aggregates with a dead letter (portable SQL).
+fn fetch_batch_sql() -> String {
+    format!(
+        "SELECT {OUTBOX_COLUMNS} FROM outbox o WHERE partition = $1
+           AND NOT EXISTS (SELECT 1 FROM outbox_dead_letter d
+                           WHERE d.aggregate_type = o.aggregate_type AND d.aggregate_id = o.aggregate_id)
+         ORDER BY seq LIMIT $2"
+    )
+}
+
+/// The oldest `$1` dead letters (portable SQL).
+fn list_dead_letters_sql() -> String {
+    format!("SELECT {DEAD_LETTER_COLUMNS} FROM outbox_dead_letter ORDER BY seq LIMIT $1")
+}
+
+/// Records a failed publish attempt and when to retry (application clock; portable SQL).
+async fn record_failure<'e, DB, E>(
+    executor: E,
+    seq: i64,
+    error: &str,
+    retry_in: Duration,
+) -> Result<(), StoreError>
+where
+    DB: Database,
+    E: Executor<'e, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(
+        "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 WHERE seq = $1",
+    )
+    .bind(seq)
+    .bind(error.to_owned())
+    .bind(Utc::now() + retry_in)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 /// Columns [`decode_outbox`] expects.
 const OUTBOX_COLUMNS: &str = "seq, message_id, aggregate_type, aggregate_id, event_type, payload, traceparent, \
                               tracestate, created_at, attempts, next_attempt_at";

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    DEAD_LETTER_COLUMNS, OUTBOX_COLUMNS, SqliteStore, StoreError, decode_dead_letter, decode_outbox,
+    SqliteStore, StoreError, decode_dead_letter, decode_outbox, fetch_batch_sql, list_dead_letters_sql,
+    record_failure,
 };
 use crate::outbox::{DeadLetter, OutboxRecord, OutboxStats, OutboxStore};
 
@@ -30,13 +31,7 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn fetch_batch(&self, partition: i32, limit: i64) -> Result<Vec<OutboxRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {OUTBOX_COLUMNS} FROM outbox o WHERE partition = $1
-               AND NOT EXISTS (SELECT 1 FROM outbox_dead_letter d
-                               WHERE d.aggregate_type = o.aggregate_type AND d.aggregate_id = o.aggregate_id)
-             ORDER BY seq LIMIT $2"
-        );
-        let rows = sqlx::query(&sql).bind(partition).bind(limit).fetch_all(self.pool()).await?;
+        let rows = sqlx::query(&fetch_batch_sql()).bind(partition).bind(limit).fetch_all(self.pool()).await?;
         rows.iter().map(decode_outbox).collect()
     }
 
@@ -56,16 +51,7 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn record_failure(&self, seq: i64, error: &str, retry_in: Duration) -> Result<(), StoreError> {
-        let next = Utc::now() + retry_in;
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 WHERE seq = $1",
-        )
-        .bind(seq)
-        .bind(error)
-        .bind(next)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        record_failure(self.pool(), seq, error, retry_in).await
     }
 
     async fn dead_letter(
@@ -93,8 +79,7 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn list_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
-        let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM outbox_dead_letter ORDER BY seq LIMIT $1");
-        let rows = sqlx::query(&sql).bind(limit).fetch_all(self.pool()).await?;
+        let rows = sqlx::query(&list_dead_letters_sql()).bind(limit).fetch_all(self.pool()).await?;
         rows.iter().map(decode_dead_letter).collect()
     }
 

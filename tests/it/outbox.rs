@@ -134,6 +134,11 @@ impl Pipeline {
         Relay::new(owner.to_owned(), store, publisher, self.wakeup.clone(), self.metrics.clone(), settings)
     }
 
+    /// A relay on the real store publishing to `sink`.
+    pub fn relay_to(&self, owner: &str, sink: &Sink) -> Arc<Relay> {
+        self.relay(owner, self.store.clone(), sink.publisher.clone(), &sink.topic, Duration::from_secs(10))
+    }
+
     pub async fn create(&self, items: usize) -> Order {
         new_order(&self.orders, items).await
     }
@@ -192,13 +197,7 @@ async fn events_are_complete_ordered_and_well_formed(backend: Backend, sink: Sin
         pipeline.orders.cancel(order.id, &TraceContext::default()).await.expect("cancel");
     }
     assert_eq!(pipeline.pending().await, 40, "one outbox row per change, committed with it");
-    let relay = pipeline.relay(
-        "relay-a",
-        pipeline.store.clone(),
-        sink.publisher.clone(),
-        &sink.topic,
-        Duration::from_secs(10),
-    );
+    let relay = pipeline.relay_to("relay-a", &sink);
     pipeline.drain(&relay).await;
 
     let records = sink.read(40).await;
@@ -290,13 +289,7 @@ async fn a_relay_that_dies_before_deleting_is_followed_by_a_republish(backend: B
     assert!(doomed.relay_once().await.is_err(), "published, then failed to delete");
     assert_eq!(pipeline.pending().await, 1, "nothing lost: the row is still there");
     // The restarted relay (same owner id, as after a crash-restart) publishes it again.
-    let restarted = pipeline.relay(
-        "relay-doomed",
-        pipeline.store.clone(),
-        sink.publisher.clone(),
-        &sink.topic,
-        Duration::from_secs(10),
-    );
+    let restarted = pipeline.relay_to("relay-doomed", &sink);
     pipeline.drain(&restarted).await;
     let records = sink.read(2).await;
     assert_eq!(records.len(), 2, "at-least-once: the event arrives twice");
@@ -345,13 +338,7 @@ async fn a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it(bac
         Some(dead[0].partition())
     );
     assert_eq!(pipeline.store.replay_dead_letter(dead[0].seq).await.expect("replay"), None, "replayed once");
-    let relaxed = pipeline.relay(
-        "relay-relaxed",
-        pipeline.store.clone(),
-        sink.publisher.clone(),
-        &sink.topic,
-        Duration::from_secs(10),
-    );
+    let relaxed = pipeline.relay_to("relay-relaxed", &sink);
     pipeline.drain(&relaxed).await;
     let records = sink.read(3).await;
     let big_events: Vec<&str> =
@@ -526,4 +513,97 @@ mod sqlite_bus {
         )
         .await;
     }
+}
+
+#[tokio::test]
+async fn embedded_mode_publishes_to_the_bus_and_operators_manage_dead_letters() {
+    use crate::support::{TestApp, eventually, problem, valid_order};
+    let app =
+        TestApp::spawn_with_settings(Backend::Sqlite, &[("APP_KAFKA__MESSAGE_MAX_BYTES", "1000")]).await;
+    let small = app.create_ok().await["id"].as_str().expect("id").to_owned();
+    let mut big = valid_order();
+    big["items"] = serde_json::json!(
+        (0..40)
+            .map(|i| serde_json::json!({"sku": format!("SKU-{i}"), "quantity": 1, "unit_price_minor": 1}))
+            .collect::<Vec<_>>()
+    );
+    let big = app.create(&big).await.json::<serde_json::Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let admin = |path: &str| format!("{}{path}", app.admin);
+    eventually(Duration::from_secs(10), "the big event to be dead-lettered", || async {
+        let dead: serde_json::Value = app
+            .client
+            .get(admin("/admin/outbox/dead-letters"))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        dead.as_array().is_some_and(|d| d.len() == 1 && d[0]["aggregate_id"] == big)
+    })
+    .await;
+    let bus: serde_json::Value = app
+        .client
+        .get(admin("/admin/bus/orders.events"))
+        .send()
+        .await
+        .expect("bus")
+        .json()
+        .await
+        .expect("json");
+    let keys: Vec<&str> = bus.as_array().expect("records").iter().filter_map(|r| r["key"].as_str()).collect();
+    assert_eq!(keys, [small.as_str()], "the small order's event went through the in-process bus");
+    assert_eq!(bus[0]["value"]["orderId"], small.as_str(), "proto3 JSON uses lowerCamelCase names");
+
+    let dead: serde_json::Value = app
+        .client
+        .get(admin("/admin/outbox/dead-letters"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let seq = dead[0]["seq"].as_i64().expect("seq");
+    let replay = app
+        .client
+        .post(admin(&format!("/admin/outbox/dead-letters/{seq}/replay")))
+        .send()
+        .await
+        .expect("replay");
+    assert_eq!(replay.status(), 200);
+    problem(
+        app.client.post(admin("/admin/outbox/dead-letters/999999/replay")).send().await.expect("replay"),
+        404,
+        "not-found",
+    )
+    .await;
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("outbox_publish_errors_total{kind=\"permanent\"}"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_stopping_relay_releases_its_leases() {
+    use crate::support::{TestApp, eventually};
+    let app = TestApp::spawn().await;
+    let url = app.database_url.clone();
+    eventually(Duration::from_secs(10), "the relay to lease every partition", || async {
+        app.metrics().await.contains("\noutbox_partitions_owned 16\n")
+    })
+    .await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let owned = || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_lease WHERE owner IS NOT NULL")
+            .fetch_one(&pool)
+    };
+    assert_eq!(owned().await.expect("count"), 16);
+    app.shutdown.cancel();
+    eventually(Duration::from_secs(10), "leases to be released", || async {
+        owned().await.expect("count") == 0
+    })
+    .await;
 }

@@ -117,6 +117,11 @@ impl TestApp {
         Self::start(backend, via_proxy, &[]).await
     }
 
+    /// Starts an instance on a fresh database of the given kind with extra settings.
+    pub async fn spawn_with_settings(backend: Backend, extra: &[(&str, &str)]) -> Self {
+        Self::start(backend, false, extra).await
+    }
+
     /// Starts an instance on an existing PostgreSQL database (several instances may share one).
     pub async fn start_on(database_url: String, extra: &[(&str, &str)]) -> Self {
         Self::launch(database_url, None, false, extra).await
