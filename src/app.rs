@@ -74,42 +74,21 @@ impl App {
             None => (None, None),
         };
         let wakeup = Wakeup::new(notify_tx);
-        let (publisher, bus): (Arc<dyn Publisher>, _) = match &settings.kafka {
-            Some(kafka) => {
-                if kafka.create_topics {
-                    // Kafka being down must not stop the API: writes buffer in the outbox.
-                    if let Err(e) =
-                        kafka.client.create_topics(&[&settings.events.topic], kafka.topic_partitions).await
-                    {
-                        tracing::warn!(
-                            error = format!("{e:#}"),
-                            "could not create Kafka topics; the relay retries"
-                        );
-                    }
-                }
-                (Arc::new(KafkaPublisher::new(&kafka.client)?), None)
-            }
-            None => {
-                if pg_pool.is_some() && settings.roles.relay {
-                    tracing::warn!(
-                        "APP_KAFKA__BROKERS is empty: events go to the in-process bus and leave no process"
-                    );
-                }
-                let bus = Arc::new(InMemoryBus::new(settings.events.max_message_bytes));
-                (bus.clone(), Some(bus))
-            }
-        };
-        let relay = settings.roles.relay.then(|| {
+        let (relay, bus) = if settings.roles.relay {
+            let (publisher, bus) = publisher(&settings, pg_pool.is_some())?;
             let owner = settings.outbox.relay_id.clone().unwrap_or_else(generated_relay_id);
-            Relay::new(
+            let relay = Relay::new(
                 owner,
                 store.clone(),
                 publisher,
                 wakeup.clone(),
                 metrics.clone(),
                 relay_settings(&settings),
-            )
-        });
+            );
+            (Some(relay), bus)
+        } else {
+            (None, None)
+        };
         Ok(Self {
             settings,
             http,
@@ -294,6 +273,41 @@ impl App {
         tracing::info!("stopped");
         failure.map_or(Ok(()), Err)
     }
+}
+
+/// The in-process bus, when there is one.
+type EmbeddedBus = Option<Arc<InMemoryBus>>;
+
+/// The relay's publisher: Kafka when configured, else the in-process bus (returned too, so
+/// the admin API can show it).
+fn publisher(
+    settings: &Settings,
+    shared_database: bool,
+) -> anyhow::Result<(Arc<dyn Publisher>, EmbeddedBus)> {
+    let Some(kafka) = &settings.kafka else {
+        if shared_database {
+            tracing::warn!(
+                "APP_KAFKA__BROKERS is empty: events go to the in-process bus and never leave this process"
+            );
+        }
+        let bus = Arc::new(InMemoryBus::new(settings.events.max_message_bytes));
+        return Ok((bus.clone(), Some(bus)));
+    };
+    if kafka.create_topics {
+        // In the background: Kafka being down must delay neither startup nor writes; until
+        // the topic exists, publishing fails retriably and the outbox buffers.
+        let (client, topic, partitions) =
+            (kafka.client.clone(), settings.events.topic.clone(), kafka.topic_partitions);
+        tokio::spawn(async move {
+            if let Err(e) = client.create_topics(&[&topic], partitions).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not create Kafka topics; publishing retries until they exist"
+                );
+            }
+        });
+    }
+    Ok((Arc::new(KafkaPublisher::new(&kafka.client)?), None))
 }
 
 fn relay_settings(settings: &Settings) -> RelaySettings {

@@ -118,8 +118,10 @@ pub struct PrivateBroker {
 impl PrivateBroker {
     /// Starts tansu on `port` (memory storage) and waits until it accepts connections.
     pub async fn start(port: u16) -> Self {
-        let bin = std::env::var("TANSU_BIN")
-            .expect("TANSU_BIN names the tansu binary (scripts/kafka.sh installs it)");
+        // scripts/kafka.sh installs it there; TANSU_BIN overrides.
+        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+            format!("{}/.cache/orders-service/tansu/bin/tansu", std::env::var("HOME").unwrap_or_default())
+        });
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(bin)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
