@@ -50,6 +50,7 @@ quantile() { # quantile Q from the cumulative histogram buckets of outbox_publis
     END { for (i=1;i<=n;i++) if (cum[i] >= q*total) { print "<= " les[i] " s"; exit } }'
 }
 published="$(printf '%s\n' "$metrics" | awk '$1=="outbox_published_total" {print $2}')"
+mean="$(printf '%s\n' "$metrics" | awk '$1=="outbox_publish_latency_seconds_sum" {s=$2} $1=="outbox_publish_latency_seconds_count" {c=$2} END {if (c>0) printf "%.0f ms", 1000*s/c}')"
 
 printf '\n%-58s %s\n' "measurement (this machine, $(nproc) cores)" "result"
 printf '%-58s %s\n' "----------------------------------------------------------" "----------------"
@@ -59,5 +60,6 @@ printf '%-58s %s\n' "REST POST /v1/orders, 32 connections (service + Kafka)" "$r
 printf '%-58s %s\n' "REST create latency p50 / p99" "$p50 / $p99"
 printf '%-58s %s\n' "REST non-2xx responses" "${non2xx:-0}"
 printf '%-58s %s\n' "events published during the run" "$published"
+printf '%-58s %s\n' "commit -> broker ack latency mean" "$mean"
 printf '%-58s %s\n' "commit -> broker ack latency p50" "$(quantile 0.5)"
 printf '%-58s %s\n' "commit -> broker ack latency p99" "$(quantile 0.99)"

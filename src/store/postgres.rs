@@ -36,7 +36,12 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(settings.url.expose())
             .context("APP_DATABASE__URL is not a valid postgres URL")?
             .application_name("orders-service")
-            .options([("statement_timeout", statement_timeout.as_str())]);
+            .options([
+                ("statement_timeout", statement_timeout.as_str()),
+                // Every transaction here lasts milliseconds: a session idle inside one for
+                // this long is stuck, and the server ends it (releasing its locks).
+                ("idle_in_transaction_session_timeout", "30s"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
@@ -48,12 +53,28 @@ impl PostgresStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// `BEGIN`, protected from cancellation. sqlx 0.8.6 (and 0.9.0) return a connection to the
+    /// pool inside an open server-side transaction when the future of `Pool::begin` is
+    /// dropped during the `BEGIN` round trip (transact-rs/sqlx#4393); the next borrower's
+    /// statements then run, and hold locks, inside that stale transaction. A client
+    /// disconnecting or a request deadline firing is exactly such a drop, so the `BEGIN` runs
+    /// in its own task: if the caller goes away, the task still finishes and its dropped
+    /// `Transaction` rolls back properly. Found by `scripts/bench.sh` (relay deletes blocked
+    /// behind a stale transaction after wrk closed its connections).
+    pub(super) async fn begin_shielded(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let pool = self.pool.clone();
+        match tokio::spawn(async move { pool.begin().await }).await {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(StoreError::Other(anyhow::Error::new(e).context("BEGIN task failed"))),
+        }
+    }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn begin(&self) -> Result<Box<dyn Tx>, StoreError> {
-        Ok(Box::new(PgTx(self.pool.begin().await?)))
+        Ok(Box::new(PgTx(self.begin_shielded().await?)))
     }
 
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {

@@ -32,7 +32,7 @@ impl OutboxStore for PostgresStore {
         ttl: Duration,
     ) -> Result<Vec<i32>, StoreError> {
         let ttl_secs = ttl.as_secs_f64();
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_shielded().await?;
         sqlx::query(
             "INSERT INTO outbox_relay (owner, expires_at) VALUES ($1, now() + make_interval(secs => $2))
              ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
@@ -94,7 +94,7 @@ impl OutboxStore for PostgresStore {
     }
 
     async fn release_partitions(&self, owner: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_shielded().await?;
         sqlx::query("UPDATE outbox_lease SET owner = NULL, expires_at = '-infinity' WHERE owner = $1")
             .bind(owner)
             .execute(&mut *tx)
