@@ -1,8 +1,9 @@
 //! Compiles `proto/` into Rust with a vendored `protoc`, so no system protobuf compiler is
 //! needed:
 //! - `orders.v1` (the gRPC API) with tonic, plus the descriptor set gRPC reflection serves;
-//! - `orders.events.v1` (the published event schemas) with prost and pbjson, which
-//!   generates serde code following the proto3 JSON mapping that the events are published in.
+//! - the event schemas (`orders.events.v1`, which this service publishes, and
+//!   `payments.events.v1` / `customers.events.v1`, which it consumes) with prost and pbjson,
+//!   which generates serde code following the proto3 JSON mapping events travel in.
 
 use std::{env, error::Error, fs, path::PathBuf};
 
@@ -25,10 +26,19 @@ fn main() -> Result<(), Box<dyn Error>> {
         .file_descriptor_set_path(&events_descriptor)
         .compile_well_known_types()
         .extern_path(".google.protobuf", "::pbjson_types")
-        .compile_protos(&["proto/orders/events/v1/events.proto"], &["proto"])?;
-    pbjson_build::Builder::new()
-        .register_descriptors(&fs::read(&events_descriptor)?)?
-        .build(&[".orders.events.v1"])?;
+        .compile_protos(
+            &[
+                "proto/orders/events/v1/events.proto",
+                "proto/payments/events/v1/events.proto",
+                "proto/customers/events/v1/events.proto",
+            ],
+            &["proto"],
+        )?;
+    pbjson_build::Builder::new().register_descriptors(&fs::read(&events_descriptor)?)?.build(&[
+        ".orders.events.v1",
+        ".payments.events.v1",
+        ".customers.events.v1",
+    ])?;
 
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -5,8 +5,13 @@
 //! - `GET /admin/outbox/dead-letters?limit=` lists dead letters, oldest first;
 //! - `POST /admin/outbox/dead-letters/{seq}/replay` puts one back into the outbox at its
 //!   original position and wakes the relay;
+//! - `GET /admin/inbox/rejections?limit=` lists inbound messages that were rejected or
+//!   dead-lettered, newest first;
 //! - `GET /admin/bus/{topic}` shows what the in-process bus holds (embedded mode only), so
-//!   `cargo run` users can see the events the relay published.
+//!   `cargo run` users can see the events the relay published;
+//! - `POST /admin/bus/{topic}` (embedded mode only) injects an event as another service
+//!   would publish it: `{"type": "payments.events.v1.PaymentCaptured", "key": "…", "data": {…}}`
+//!   (`id` optional), so the inbox can be tried without Kafka.
 
 use std::sync::Arc;
 
@@ -21,9 +26,11 @@ use serde::Deserialize;
 
 use crate::{
     error::ApiError,
+    inbox::Rejection,
     metrics::Metrics,
-    outbox::{DeadLetter, OutboxStore, Wakeup},
-    publish::InMemoryBus,
+    outbox::{DeadLetter, Wakeup},
+    publish::{InMemoryBus, OutboundMessage, Publisher},
+    store::Store,
 };
 
 /// What the admin handlers need.
@@ -31,8 +38,8 @@ use crate::{
 pub struct AdminState {
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
-    /// The outbox, for dead letters.
-    pub outbox: Arc<dyn OutboxStore>,
+    /// The store: outbox dead letters and inbox rejections.
+    pub store: Arc<dyn Store>,
     /// Wakes the local relay after a replay.
     pub wakeup: Arc<Wakeup>,
     /// The in-process bus, when no Kafka is configured.
@@ -45,7 +52,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/admin/outbox/dead-letters", get(list_dead_letters))
         .route("/admin/outbox/dead-letters/{seq}/replay", post(replay_dead_letter))
-        .route("/admin/bus/{topic}", get(bus_records))
+        .route("/admin/bus/{topic}", get(bus_records).post(inject_event))
+        .route("/admin/inbox/rejections", get(list_rejections))
         .with_state(state)
 }
 
@@ -63,14 +71,14 @@ async fn list_dead_letters(
     Query(params): Query<ListParams>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
-    Ok(Json(state.outbox.list_dead_letters(limit).await?))
+    Ok(Json(state.store.list_dead_letters(limit).await?))
 }
 
 async fn replay_dead_letter(
     State(state): State<AdminState>,
     Path(seq): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
-    match state.outbox.replay_dead_letter(seq).await? {
+    match state.store.replay_dead_letter(seq).await? {
         Some(partition) => {
             tracing::info!(seq, partition, "dead letter replayed");
             state.wakeup.wake_local();
@@ -95,9 +103,60 @@ async fn bus_records(
             let value = serde_json::from_slice::<serde_json::Value>(&r.payload)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&r.payload).into());
             let headers: serde_json::Map<String, serde_json::Value> =
-                r.headers.into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
+                r.headers.into_iter().map(|(k, v)| (k, v.into())).collect();
             serde_json::json!({ "offset": r.offset, "key": r.key, "headers": headers, "value": value })
         })
         .collect();
     Ok(Json(records))
+}
+
+async fn list_rejections(
+    State(state): State<AdminState>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Vec<Rejection>>, ApiError> {
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(Json(state.store.list_rejections(limit).await?))
+}
+
+/// An event to inject into the in-process bus.
+#[derive(Debug, Deserialize)]
+struct Injected {
+    /// CloudEvents type, e.g. `customers.events.v1.CustomerUpdated`.
+    r#type: String,
+    /// CloudEvents id; a fresh UUID when absent (send the same id twice to see deduplication).
+    id: Option<String>,
+    /// Message key.
+    #[serde(default)]
+    key: String,
+    /// The event in the proto3 JSON mapping.
+    data: serde_json::Value,
+}
+
+async fn inject_event(
+    State(state): State<AdminState>,
+    Path(topic): Path<String>,
+    crate::http::extract::Json(event): crate::http::extract::Json<Injected>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Some(bus) = &state.bus else {
+        return Err(ApiError::NotFound { resource: "in-process bus (Kafka is configured)", id: topic });
+    };
+    let id = event.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let message = OutboundMessage {
+        topic,
+        key: event.key,
+        payload: serde_json::to_vec(&event.data).unwrap_or_default(),
+        headers: vec![
+            ("ce_specversion".into(), "1.0".into()),
+            ("ce_id".into(), id.clone()),
+            ("ce_type".into(), event.r#type),
+            ("ce_source".into(), "/admin/bus".into()),
+            ("content-type".into(), "application/json".into()),
+        ],
+    };
+    match bus.publish(vec![message]).await.into_iter().next() {
+        Some(Err(e)) => {
+            Err(ApiError::BadRequest { kind: crate::error::Malformed::TooLarge, detail: e.to_string() })
+        }
+        _ => Ok((axum::http::StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id })))),
+    }
 }

@@ -16,6 +16,7 @@ use crate::{
     grpc::GrpcOrders,
     health::Readiness,
     http::{self, AppState, Limits},
+    inbox::{self, Inbox, kafka::KafkaInbox},
     metrics::{GrpcMetricsLayer, Metrics},
     orders::Orders,
     outbox::{
@@ -41,6 +42,8 @@ pub struct App {
     wakeup: Arc<Wakeup>,
     /// The relay, when this process runs the relay role.
     relay: Option<Arc<Relay>>,
+    /// The inbox, when this process runs the consumer role.
+    inbox: Option<Arc<Inbox>>,
     /// The in-process bus, when no Kafka is configured.
     bus: Option<Arc<InMemoryBus>>,
     /// Cross-process wake-ups (PostgreSQL only): the pool and the notifier's queue.
@@ -74,21 +77,32 @@ impl App {
             None => (None, None),
         };
         let wakeup = Wakeup::new(notify_tx);
-        let (relay, bus) = if settings.roles.relay {
-            let (publisher, bus) = publisher(&settings, pg_pool.is_some())?;
+        let (publisher, bus) = publisher(&settings, pg_pool.is_some())?;
+        let relay = settings.roles.relay.then(|| {
             let owner = settings.outbox.relay_id.clone().unwrap_or_else(generated_relay_id);
-            let relay = Relay::new(
+            let relay_settings = relay_settings(&settings);
+            Relay::new(
                 owner,
                 store.clone(),
-                publisher,
+                publisher.clone(),
                 wakeup.clone(),
                 metrics.clone(),
-                relay_settings(&settings),
-            );
-            (Some(relay), bus)
-        } else {
-            (None, None)
-        };
+                relay_settings,
+            )
+        });
+        let inbox = settings.roles.consumer.then(|| {
+            let (partitions, backoff) = (settings.outbox.partitions, settings.outbox.backoff);
+            let inbox_settings = settings.inbox.clone();
+            Inbox::new(
+                store.clone(),
+                wakeup.clone(),
+                partitions,
+                publisher,
+                metrics.clone(),
+                backoff,
+                inbox_settings,
+            )
+        });
         Ok(Self {
             settings,
             http,
@@ -101,6 +115,7 @@ impl App {
             shutdown: CancellationToken::new(),
             wakeup,
             relay,
+            inbox,
             bus,
             pg_pool,
             notify_rx,
@@ -152,6 +167,7 @@ impl App {
             shutdown,
             wakeup,
             relay,
+            inbox,
             bus,
             pg_pool,
             notify_rx,
@@ -180,9 +196,27 @@ impl App {
             }
             background.push(tokio::spawn(relay.run(background_stop.clone())));
         }
+        if let Some(inbox) = inbox {
+            background
+                .push(tokio::spawn(inbox.clone().run_retention(RETENTION_INTERVAL, background_stop.clone())));
+            match (&settings.kafka, &bus) {
+                (Some(kafka), _) => {
+                    let consumer = KafkaInbox::new(&kafka.client, inbox)?;
+                    background.push(tokio::spawn(consumer.run(background_stop.clone())));
+                }
+                (None, Some(bus)) => {
+                    background.push(tokio::spawn(inbox::bus::run(
+                        bus.clone(),
+                        inbox,
+                        background_stop.clone(),
+                    )));
+                }
+                (None, None) => unreachable!("without Kafka there is always a bus"),
+            }
+        }
 
         let admin_state =
-            AdminState { metrics: metrics.clone(), outbox: store.clone(), wakeup: wakeup.clone(), bus };
+            AdminState { metrics: metrics.clone(), store: store.clone(), wakeup: wakeup.clone(), bus };
         let orders = Orders::new(store, wakeup, settings.outbox.partitions);
         let limits = Limits {
             request_timeout: settings.http.request_timeout,
@@ -275,17 +309,20 @@ impl App {
     }
 }
 
+/// How often expired inbox rows are purged.
+const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The in-process bus, when there is one.
 type EmbeddedBus = Option<Arc<InMemoryBus>>;
 
-/// The relay's publisher: Kafka when configured, else the in-process bus (returned too, so
-/// the admin API can show it).
+/// Where the relay publishes and the inbox dead-letters: Kafka when configured, else the
+/// in-process bus (returned too, for the inbox runner and the admin API).
 fn publisher(
     settings: &Settings,
     shared_database: bool,
 ) -> anyhow::Result<(Arc<dyn Publisher>, EmbeddedBus)> {
     let Some(kafka) = &settings.kafka else {
-        if shared_database {
+        if shared_database && settings.roles.relay {
             tracing::warn!(
                 "APP_KAFKA__BROKERS is empty: events go to the in-process bus and never leave this process"
             );
@@ -293,13 +330,22 @@ fn publisher(
         let bus = Arc::new(InMemoryBus::new(settings.events.max_message_bytes));
         return Ok((bus.clone(), Some(bus)));
     };
-    if kafka.create_topics {
+    let mut topics = Vec::new();
+    if settings.roles.relay {
+        topics.push(settings.events.topic.clone());
+    }
+    if settings.roles.consumer {
+        for topic in [&settings.inbox.payments_topic, &settings.inbox.customers_topic] {
+            topics.extend([topic.clone(), format!("{topic}.dlq")]);
+        }
+    }
+    if kafka.create_topics && !topics.is_empty() {
         // In the background: Kafka being down must delay neither startup nor writes; until
-        // the topic exists, publishing fails retriably and the outbox buffers.
-        let (client, topic, partitions) =
-            (kafka.client.clone(), settings.events.topic.clone(), kafka.topic_partitions);
+        // the topics exist, publishing fails retriably and the outbox buffers.
+        let (client, partitions) = (kafka.client.clone(), kafka.topic_partitions);
         tokio::spawn(async move {
-            if let Err(e) = client.create_topics(&[&topic], partitions).await {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            if let Err(e) = client.create_topics(&names, partitions).await {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "could not create Kafka topics; publishing retries until they exist"

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
-use crate::{backoff::Backoff, publish::KafkaSettings};
+use crate::{backoff::Backoff, inbox::InboxSettings, publish::KafkaSettings};
 
 /// Every variable this service reads, with its default and meaning.
 pub const VARIABLES: &[(&str, &str, &str)] = &[
@@ -22,14 +22,19 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_HEALTH__CHECK_INTERVAL_MS", "5000", "how often gRPC health is refreshed"),
     ("APP_HEALTH__CHECK_TIMEOUT_MS", "1000", "deadline for one readiness check"),
     ("APP_SHUTDOWN__DRAIN_TIMEOUT_MS", "20000", "how long in-flight requests may finish"),
-    ("APP_ROLES", "api,relay", "what `serve` runs: any of api, relay"),
+    ("APP_ROLES", "api,relay,consumer", "what `serve` runs: any of api, relay, consumer"),
     ("APP_KAFKA__BROKERS", "", "bootstrap servers; empty = in-process event bus"),
     ("APP_KAFKA__PROPERTIES", "", "extra librdkafka properties, `key=value;…` (secret)"),
     ("APP_KAFKA__MESSAGE_TIMEOUT_MS", "10000", "delivery deadline per message, retries included"),
     ("APP_KAFKA__MESSAGE_MAX_BYTES", "1000000", "larger events are dead-lettered"),
     ("APP_KAFKA__CREATE_TOPICS", "true", "create missing topics at startup"),
     ("APP_KAFKA__TOPIC_PARTITIONS", "3", "partitions of topics created at startup"),
+    ("APP_KAFKA__GROUP_ID", "orders-service", "consumer group of the inbox"),
     ("APP_EVENTS__TOPIC", "orders.events", "topic the relay publishes to"),
+    ("APP_INBOX__PAYMENTS_TOPIC", "payments.events", "payment events consumed"),
+    ("APP_INBOX__CUSTOMERS_TOPIC", "customers.events", "customer events consumed"),
+    ("APP_INBOX__RETENTION_HOURS", "336", "inbox rows kept (longer than the broker's retention)"),
+    ("APP_INBOX__MAX_PARALLEL_PARTITIONS", "8", "partitions processed at once"),
     ("APP_EVENTS__SOURCE", "/orders-service", "CloudEvents source attribute"),
     ("APP_OUTBOX__PARTITIONS", "16", "outbox partitions (P); change only with an empty outbox"),
     ("APP_OUTBOX__BATCH_SIZE", "100", "rows fetched per partition per pass"),
@@ -89,6 +94,8 @@ pub struct Settings {
     pub events: EventsSettings,
     /// The outbox relay.
     pub outbox: OutboxSettings,
+    /// The inbox consumer.
+    pub inbox: InboxSettings,
     /// `APP_*` variables that matched no setting (probably typos), reported after logging starts.
     unknown: Vec<String>,
 }
@@ -173,6 +180,8 @@ pub struct Roles {
     pub api: bool,
     /// The outbox relay.
     pub relay: bool,
+    /// The inbox consumer.
+    pub consumer: bool,
 }
 
 /// Kafka settings.
@@ -299,6 +308,13 @@ impl Settings {
                 .map_err(|e| error("APP_OUTBOX__RETRY_MIN_MS", e.to_string()))?,
                 relay_id: Some(env.raw("APP_OUTBOX__RELAY_ID")).filter(|id| !id.is_empty()),
             },
+            inbox: InboxSettings {
+                group_id: env.raw("APP_KAFKA__GROUP_ID"),
+                payments_topic: env.raw("APP_INBOX__PAYMENTS_TOPIC"),
+                customers_topic: env.raw("APP_INBOX__CUSTOMERS_TOPIC"),
+                retention: Duration::from_secs(3600 * env.parse::<u64>("APP_INBOX__RETENTION_HOURS")?),
+                max_parallel_partitions: env.parse("APP_INBOX__MAX_PARALLEL_PARTITIONS")?,
+            },
             unknown: vars
                 .keys()
                 .filter(|k| !VARIABLES.iter().any(|(name, _, _)| name == k))
@@ -336,6 +352,15 @@ impl Settings {
                     "must exceed twice APP_KAFKA__MESSAGE_TIMEOUT_MS ({publish_timeout:?}) so a batch never outlives its lease"
                 ),
             ));
+        }
+        if self.inbox.retention.is_zero() {
+            return Err(error("APP_INBOX__RETENTION_HOURS", "must be at least 1"));
+        }
+        if !(1..=256).contains(&self.inbox.max_parallel_partitions) {
+            return Err(error("APP_INBOX__MAX_PARALLEL_PARTITIONS", "must be between 1 and 256"));
+        }
+        if self.inbox.group_id.is_empty() {
+            return Err(error("APP_KAFKA__GROUP_ID", "must not be empty"));
         }
         if self.events.topic.is_empty() {
             return Err(error("APP_EVENTS__TOPIC", "must not be empty"));
@@ -388,15 +413,21 @@ impl Vars<'_> {
 }
 
 fn parse_roles(raw: &str) -> Result<Roles, ConfigError> {
-    let mut roles = Roles { api: false, relay: false };
+    let mut roles = Roles { api: false, relay: false, consumer: false };
     for role in raw.split(',').map(str::trim).filter(|r| !r.is_empty()) {
         match role {
             "api" => roles.api = true,
             "relay" => roles.relay = true,
-            other => return Err(error("APP_ROLES", format!("unknown role {other:?}; expected api, relay"))),
+            "consumer" => roles.consumer = true,
+            other => {
+                return Err(error(
+                    "APP_ROLES",
+                    format!("unknown role {other:?}; expected api, relay, consumer"),
+                ));
+            }
         }
     }
-    if !roles.api && !roles.relay {
+    if !roles.api && !roles.relay && !roles.consumer {
         return Err(error("APP_ROLES", "needs at least one role"));
     }
     Ok(roles)

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
-    domain::Order,
+    domain::{CapturedPayment, Order},
     outbox::{NewOutboxEvent, TraceContext, partition_of},
     pb::orders::events::v1 as pb,
 };
@@ -14,6 +14,8 @@ use crate::{
 pub const ORDER_AGGREGATE: &str = "order";
 /// CloudEvents type of [`pb::OrderCreated`].
 pub const ORDER_CREATED: &str = "orders.events.v1.OrderCreated";
+/// CloudEvents type of [`pb::OrderPaid`].
+pub const ORDER_PAID: &str = "orders.events.v1.OrderPaid";
 /// CloudEvents type of [`pb::OrderCancelled`].
 pub const ORDER_CANCELLED: &str = "orders.events.v1.OrderCancelled";
 
@@ -52,6 +54,24 @@ pub fn order_cancelled(order: &Order, trace: &TraceContext, partitions: i32) -> 
         version: order.version,
     };
     outbox_event(order, ORDER_CANCELLED, json(&message), trace, partitions)
+}
+
+/// `OrderPaid` for an order a captured payment just paid.
+pub fn order_paid(
+    order: &Order,
+    payment: &CapturedPayment,
+    trace: &TraceContext,
+    partitions: i32,
+) -> NewOutboxEvent {
+    let message = pb::OrderPaid {
+        order_id: order.id.to_string(),
+        payment_id: payment.payment_id.clone(),
+        amount_minor: payment.amount_minor,
+        currency: payment.currency.clone(),
+        pay_time: Some(timestamp(order.updated_at)),
+        version: order.version,
+    };
+    outbox_event(order, ORDER_PAID, json(&message), trace, partitions)
 }
 
 fn json<T: serde::Serialize>(message: &T) -> Vec<u8> {

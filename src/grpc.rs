@@ -61,8 +61,10 @@ impl OrderService for GrpcOrders {
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
         let id = OrderId::parse("id", &request.into_inner().id).map_err(ApiError::from)?;
-        let order = self.orders.get(id).await?;
-        Ok(Response::new(pb::GetOrderResponse { order: Some(to_pb(order)) }))
+        let (order, customer_display_name) = self.orders.get(id).await?;
+        Ok(Response::new(pb::GetOrderResponse {
+            order: Some(pb::Order { customer_display_name, ..to_pb(order) }),
+        }))
     }
 
     async fn list_orders(
@@ -124,5 +126,8 @@ fn to_pb(order: Order) -> pb::Order {
         create_time: Some(timestamp(order.created_at)),
         update_time: Some(timestamp(order.updated_at)),
         version: order.version,
+        customer_display_name: None,
+        payment_id: order.payment_id,
+        payment_failure: order.payment_failure,
     }
 }

@@ -59,12 +59,21 @@ pub struct Readiness {
     shutting_down: AtomicBool,
     /// Deadline for one evaluation, so a hung database reads as "not ready", not a hang.
     timeout: Duration,
+    /// The status last published; the lock also orders concurrent publishes, so a check
+    /// that started before shutdown can never re-publish SERVING after it.
+    published: tokio::sync::Mutex<Option<ServingStatus>>,
 }
 
 impl Readiness {
     /// Builds the checker; gRPC health reads NOT_SERVING until the first check passes.
     pub async fn new(store: Arc<dyn Store>, reporter: HealthReporter, timeout: Duration) -> Arc<Self> {
-        let readiness = Arc::new(Self { store, reporter, shutting_down: AtomicBool::new(false), timeout });
+        let readiness = Arc::new(Self {
+            store,
+            reporter,
+            shutting_down: AtomicBool::new(false),
+            timeout,
+            published: tokio::sync::Mutex::new(None),
+        });
         readiness.publish(false).await;
         readiness
     }
@@ -131,11 +140,16 @@ impl Readiness {
     }
 
     async fn publish(&self, ready: bool) {
+        let mut published = self.published.lock().await;
         let ready = ready && !self.shutting_down.load(Ordering::SeqCst);
         let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+        if *published == Some(status) {
+            return; // watchers only hear about changes
+        }
         for service in GRPC_SERVICES {
             self.reporter.set_service_status(service, status).await;
         }
+        *published = Some(status);
     }
 }
 

@@ -17,6 +17,9 @@
 //! | `outbox_dead_letters` | gauge | rows in the dead-letter table |
 //! | `outbox_partitions_owned` | gauge | partitions this replica's relay leases |
 //! | `outbox_publish_latency_seconds` | histogram | commit → broker acknowledgement |
+//! | `inbox_messages_total` | counter | `topic`, `result` = applied / duplicate / stale / rejected / dead_lettered |
+//! | `inbox_processing_seconds` | histogram | `topic`; includes retries |
+//! | `inbox_retries_total` | counter | `topic`; transient failures retried |
 
 use std::{
     future::Future,
@@ -71,6 +74,12 @@ pub struct Metrics {
     pub outbox_partitions_owned: IntGauge,
     /// Commit → broker acknowledgement.
     pub outbox_publish_latency: Histogram,
+    /// Inbound messages by topic and result.
+    pub inbox_messages: IntCounterVec,
+    /// Time to handle one inbound message, retries included.
+    pub inbox_processing: HistogramVec,
+    /// Transient inbox failures that were retried.
+    pub inbox_retries: IntCounterVec,
 }
 
 impl Metrics {
@@ -112,6 +121,22 @@ impl Metrics {
             HistogramOpts::new("outbox_publish_latency_seconds", "Outbox commit to broker acknowledgement")
                 .buckets(BUCKETS.to_vec()),
         )?;
+        let inbox_messages = IntCounterVec::new(
+            Opts::new("inbox_messages_total", "Inbound messages by topic and result"),
+            &["topic", "result"],
+        )?;
+        let inbox_processing = HistogramVec::new(
+            HistogramOpts::new("inbox_processing_seconds", "Time to handle one inbound message")
+                .buckets(BUCKETS.to_vec()),
+            &["topic"],
+        )?;
+        let inbox_retries = IntCounterVec::new(
+            Opts::new("inbox_retries_total", "Transient inbox failures retried"),
+            &["topic"],
+        )?;
+        registry.register(Box::new(inbox_retries.clone()))?;
+        registry.register(Box::new(inbox_messages.clone()))?;
+        registry.register(Box::new(inbox_processing.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(grpc_requests.clone()))?;
@@ -136,6 +161,9 @@ impl Metrics {
             outbox_dead_letters,
             outbox_partitions_owned,
             outbox_publish_latency,
+            inbox_messages,
+            inbox_processing,
+            inbox_retries,
         }))
     }
 

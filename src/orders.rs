@@ -53,10 +53,12 @@ impl Orders {
         Ok(order)
     }
 
-    /// Reads one order.
+    /// Reads one order, with its customer's display name when the projection knows it.
     #[tracing::instrument(skip(self), err(level = "debug"))]
-    pub async fn get(&self, id: OrderId) -> Result<Order, ApiError> {
-        self.store.get_order(id).await?.ok_or_else(|| not_found(id))
+    pub async fn get(&self, id: OrderId) -> Result<(Order, Option<String>), ApiError> {
+        let order = self.store.get_order(id).await?.ok_or_else(|| not_found(id))?;
+        let display_name = self.store.customer_display_name(order.customer_id.as_str()).await?;
+        Ok((order, display_name))
     }
 
     /// Reads one page of orders, newest first.

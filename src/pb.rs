@@ -18,5 +18,29 @@ pub mod orders {
     }
 }
 
+/// `payments.*`: events consumed from the payments service.
+pub mod payments {
+    /// Payment events.
+    pub mod events {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("payments.events.v1");
+            include!(concat!(env!("OUT_DIR"), "/payments.events.v1.serde.rs"));
+        }
+    }
+}
+
+/// `customers.*`: events consumed from the customers service.
+pub mod customers {
+    /// Customer events.
+    pub mod events {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("customers.events.v1");
+            include!(concat!(env!("OUT_DIR"), "/customers.events.v1.serde.rs"));
+        }
+    }
+}
+
 /// Encoded descriptors of the gRPC API, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("orders_descriptor");

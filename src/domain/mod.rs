@@ -8,7 +8,7 @@ mod order;
 mod page;
 mod values;
 
-pub use order::{LineItemDraft, NewOrder, Order, OrderDraft, OrderStatus};
+pub use order::{CapturedPayment, LineItemDraft, NewOrder, Order, OrderDraft, OrderStatus};
 pub use page::{ListQuery, PageToken};
 pub use values::{Currency, CustomerId, LineItem, Note, OrderId, Quantity, Sku};
 
@@ -58,4 +58,7 @@ pub enum DomainError {
         /// What was attempted.
         action: &'static str,
     },
+    /// A payment does not match the order (amount or currency).
+    #[error("{0}")]
+    PaymentMismatch(String),
 }

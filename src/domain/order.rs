@@ -155,6 +155,21 @@ pub struct Order {
     pub updated_at: DateTime<Utc>,
     /// Starts at 1, incremented by every transition; storage uses it for optimistic locking.
     pub version: i64,
+    /// The payment that paid the order (set with PAID).
+    pub payment_id: Option<String>,
+    /// Why the last payment attempt failed, while the order is still payable.
+    pub payment_failure: Option<String>,
+}
+
+/// A captured payment, as reported by the payments service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedPayment {
+    /// The payment's id.
+    pub payment_id: String,
+    /// Amount captured in minor units.
+    pub amount_minor: i64,
+    /// Currency of the amount.
+    pub currency: String,
 }
 
 impl Order {
@@ -171,7 +186,32 @@ impl Order {
             created_at: now,
             updated_at: now,
             version: 1,
+            payment_id: None,
+            payment_failure: None,
         }
+    }
+
+    /// PENDING → PAID, if the payment covers exactly the order's total in its currency.
+    pub fn pay(&mut self, payment: &CapturedPayment, now: DateTime<Utc>) -> Result<(), DomainError> {
+        if self.status == OrderStatus::Pending
+            && (payment.amount_minor != self.total_minor || payment.currency != self.currency.as_str())
+        {
+            return Err(DomainError::PaymentMismatch(format!(
+                "payment {} captured {} {} for an order of {} {}",
+                payment.payment_id, payment.amount_minor, payment.currency, self.total_minor, self.currency
+            )));
+        }
+        self.transition(OrderStatus::Pending, OrderStatus::Paid, "pay", now)?;
+        self.payment_id = Some(payment.payment_id.clone());
+        self.payment_failure = None;
+        Ok(())
+    }
+
+    /// Records a failed payment attempt on a PENDING order; it stays payable.
+    pub fn record_payment_failure(&mut self, reason: &str, now: DateTime<Utc>) -> Result<(), DomainError> {
+        self.transition(OrderStatus::Pending, OrderStatus::Pending, "record a payment failure on", now)?;
+        self.payment_failure = Some(reason.chars().take(500).collect());
+        Ok(())
     }
 
     /// PENDING → CANCELLED. Anything else, including a second cancel, is a conflict.
@@ -252,5 +292,27 @@ mod tests {
             Err(DomainError::InvalidTransition { from: OrderStatus::Cancelled, action: "cancel" })
         );
         assert_eq!(order.version, 2, "a rejected transition changes nothing");
+    }
+
+    #[test]
+    fn pay_requires_pending_and_the_exact_amount() {
+        let now = Utc::now();
+        let mut order = Order::create(OrderId::generate(), NewOrder::parse(draft()).expect("valid"), now);
+        let payment = |amount, currency: &str| CapturedPayment {
+            payment_id: "pay-1".into(),
+            amount_minor: amount,
+            currency: currency.into(),
+        };
+        assert!(matches!(order.pay(&payment(398, "EUR"), now), Err(DomainError::PaymentMismatch(_))));
+        assert!(matches!(order.pay(&payment(399, "USD"), now), Err(DomainError::PaymentMismatch(_))));
+        order.record_payment_failure("card declined", now).expect("pending");
+        assert_eq!((order.status, order.version), (OrderStatus::Pending, 2));
+        order.pay(&payment(399, "EUR"), now).expect("exact payment");
+        assert_eq!(
+            (order.status, order.version, order.payment_failure.as_deref()),
+            (OrderStatus::Paid, 3, None)
+        );
+        assert!(matches!(order.pay(&payment(399, "EUR"), now), Err(DomainError::InvalidTransition { .. })));
+        assert!(order.cancel(now).is_err(), "a paid order cannot be cancelled");
     }
 }

@@ -3,7 +3,7 @@
 //! Inbound protection lives here: a per-request deadline (503 problem on expiry), a body
 //! size limit (413), and problem+json for every error, including unknown routes.
 
-mod extract;
+pub(crate) mod extract;
 pub mod orders;
 
 use std::{sync::Arc, time::Duration};

@@ -85,6 +85,15 @@ pub struct OrderBody {
     pub update_time: DateTime<Utc>,
     /// Starts at 1; incremented on every change.
     pub version: i64,
+    /// The customer's display name, when known (`GET /v1/orders/{id}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_display_name: Option<String>,
+    /// The payment that paid the order (once PAID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
+    /// Why the last payment attempt failed, while PENDING.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_failure: Option<String>,
 }
 
 /// One page of `GET /v1/orders`.
@@ -132,6 +141,9 @@ impl From<Order> for OrderBody {
             create_time: order.created_at,
             update_time: order.updated_at,
             version: order.version,
+            customer_display_name: None,
+            payment_id: order.payment_id,
+            payment_failure: order.payment_failure,
         }
     }
 }
@@ -198,7 +210,8 @@ pub async fn get_order(
     Path(id): Path<String>,
 ) -> Result<axum::Json<OrderBody>, ApiError> {
     let id = OrderId::parse("id", &id)?;
-    Ok(axum::Json(state.orders.get(id).await?.into()))
+    let (order, customer_display_name) = state.orders.get(id).await?;
+    Ok(axum::Json(OrderBody { customer_display_name, ..order.into() }))
 }
 
 /// List orders, newest first.

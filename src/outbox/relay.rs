@@ -237,6 +237,7 @@ impl Relay {
         if let Some(ts) = &row.trace.tracestate {
             headers.push(("tracestate", ts.clone()));
         }
+        let headers = headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         OutboundMessage {
             topic: self.settings.topic.clone(),
             key: row.aggregate_id.clone(),

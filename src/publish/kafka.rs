@@ -43,7 +43,8 @@ impl std::fmt::Debug for KafkaSettings {
 }
 
 impl KafkaSettings {
-    fn client_config(&self) -> ClientConfig {
+    /// Base client configuration shared by the producer, consumer and admin client.
+    pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers).set("client.id", "orders-service");
         for (key, value) in &self.properties {
@@ -119,7 +120,7 @@ impl Publisher for KafkaPublisher {
         for m in &messages {
             let headers =
                 m.headers.iter().fold(OwnedHeaders::new_with_capacity(m.headers.len()), |h, (k, v)| {
-                    h.insert(Header { key: k, value: Some(v.as_bytes()) })
+                    h.insert(Header { key: k.as_str(), value: Some(v.as_bytes()) })
                 });
             let record =
                 FutureRecord::to(&m.topic).key(m.key.as_bytes()).payload(&m.payload).headers(headers);

@@ -28,7 +28,7 @@ pub struct BusRecord {
     /// Value.
     pub payload: Vec<u8>,
     /// Headers.
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// The in-process bus.

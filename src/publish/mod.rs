@@ -22,7 +22,7 @@ pub struct OutboundMessage {
     /// Message value.
     pub payload: Vec<u8>,
     /// Headers (CloudEvents binary mode and W3C trace context).
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// Why a message was not published.

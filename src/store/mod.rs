@@ -5,6 +5,7 @@
 //! Writes go through [`Store::begin`]: the use-case owns the [`Tx`], performs every write of
 //! one state change in it (the outbox insert joins it later) and commits once.
 
+mod inbox_sql;
 mod postgres;
 mod postgres_outbox;
 mod sqlite;
@@ -22,6 +23,7 @@ use uuid::Uuid;
 use crate::{
     config::DatabaseSettings,
     domain::{Currency, CustomerId, LineItem, ListQuery, Note, Order, OrderId, OrderStatus, Quantity, Sku},
+    inbox::{CustomerProjection, Rejection},
     outbox::{DeadLetter, NewOutboxEvent, OutboxRecord, OutboxStore, TraceContext},
 };
 
@@ -80,6 +82,12 @@ pub trait Store: OutboxStore {
     async fn migrations_applied(&self) -> Result<bool, StoreError>;
     /// Applies pending migrations.
     async fn migrate(&self) -> anyhow::Result<()>;
+    /// The customer's display name from the projection, if known.
+    async fn customer_display_name(&self, customer_id: &str) -> Result<Option<String>, StoreError>;
+    /// Deletes up to `limit` inbox rows received before `older_than`; returns how many.
+    async fn purge_inbox(&self, older_than: DateTime<Utc>, limit: i64) -> Result<u64, StoreError>;
+    /// The most recent rejected or dead-lettered inbound messages.
+    async fn list_rejections(&self, limit: i64) -> Result<Vec<Rejection>, StoreError>;
 }
 
 /// One write transaction. Dropping it without [`Tx::commit`] rolls back.
@@ -94,6 +102,12 @@ pub trait Tx: Send {
     async fn update_order(&mut self, order: &Order, expected_version: i64) -> Result<(), StoreError>;
     /// Appends an event to the outbox, atomically with the state change it describes.
     async fn insert_outbox(&mut self, event: &NewOutboxEvent) -> Result<(), StoreError>;
+    /// Records a consumed message; `false` if `(consumer, message_id)` was already there.
+    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool, StoreError>;
+    /// Upserts a customer unless the stored version is at least as new; `true` if applied.
+    async fn upsert_customer(&mut self, customer: &CustomerProjection) -> Result<bool, StoreError>;
+    /// Records an inbound message that was not applied.
+    async fn insert_rejection(&mut self, rejection: &Rejection) -> Result<(), StoreError>;
     /// Commits every write of this transaction atomically.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
@@ -177,17 +191,21 @@ where
     for<'q> String: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
     for<'r> i64: Decode<'r, DB>,
     for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
 {
     let updated: Option<i64> = sqlx::query_scalar(
-        "UPDATE orders SET status = $1, updated_at = $2, version = $3 WHERE id = $4 AND version = $5 RETURNING version",
+        "UPDATE orders SET status = $1, updated_at = $2, version = $3, payment_id = $6, payment_failure = $7
+         WHERE id = $4 AND version = $5 RETURNING version",
     )
     .bind(order.status.as_str().to_owned())
     .bind(order.updated_at)
     .bind(order.version)
     .bind(order.id.as_uuid())
     .bind(expected_version)
+    .bind(order.payment_id.clone())
+    .bind(order.payment_failure.clone())
     .fetch_optional(executor)
     .await?;
     updated.map(drop).ok_or(StoreError::Conflict)
@@ -247,6 +265,8 @@ where
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         version: row.try_get("version")?,
+        payment_id: row.try_get("payment_id")?,
+        payment_failure: row.try_get("payment_failure")?,
     })
 }
 
@@ -397,5 +417,5 @@ where
 }
 
 /// Columns selected by every order query, in the order [`decode_order`] expects them.
-const ORDER_COLUMNS: &str =
-    "id, customer_id, items, currency, total_minor, status, note, created_at, updated_at, version";
+const ORDER_COLUMNS: &str = "id, customer_id, items, currency, total_minor, status, note, created_at, updated_at, \
+                             version, payment_id, payment_failure";

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::{
     Sqlite, SqlitePool, Transaction,
     migrate::Migrator,
@@ -14,12 +15,13 @@ use sqlx::{
 };
 
 use super::{
-    ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, insert_order, insert_outbox,
-    update_order,
+    ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, inbox_sql, insert_order,
+    insert_outbox, update_order,
 };
 use crate::{
     config::DatabaseSettings,
     domain::{ListQuery, Order, OrderId},
+    inbox::{CustomerProjection, Rejection},
     outbox::NewOutboxEvent,
 };
 
@@ -102,6 +104,18 @@ impl Store for SqliteStore {
         Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
     }
 
+    async fn customer_display_name(&self, customer_id: &str) -> Result<Option<String>, StoreError> {
+        inbox_sql::customer_display_name(&self.pool, customer_id).await
+    }
+
+    async fn purge_inbox(&self, older_than: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
+        inbox_sql::purge_inbox(&self.pool, older_than, limit).await
+    }
+
+    async fn list_rejections(&self, limit: i64) -> Result<Vec<Rejection>, StoreError> {
+        inbox_sql::list_rejections(&self.pool, limit).await
+    }
+
     async fn migrate(&self) -> anyhow::Result<()> {
         MIGRATOR.run(&self.pool).await.context("running sqlite migrations")
     }
@@ -128,6 +142,18 @@ impl Tx for SqliteTx {
 
     async fn insert_outbox(&mut self, event: &NewOutboxEvent) -> Result<(), StoreError> {
         insert_outbox(&mut *self.0, event).await
+    }
+
+    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool, StoreError> {
+        inbox_sql::insert_inbox(&mut *self.0, consumer, message_id).await
+    }
+
+    async fn upsert_customer(&mut self, customer: &CustomerProjection) -> Result<bool, StoreError> {
+        inbox_sql::upsert_customer(&mut *self.0, customer).await
+    }
+
+    async fn insert_rejection(&mut self, rejection: &Rejection) -> Result<(), StoreError> {
+        inbox_sql::insert_rejection(&mut *self.0, rejection).await
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {

@@ -99,5 +99,5 @@ async fn shutdown_flips_grpc_health_before_the_listeners_close() {
     assert_eq!(watch.message().await.expect("stream").expect("first").status(), ServingStatus::Serving);
     app.shutdown.cancel();
     let next = watch.message().await.expect("stream").expect("update");
-    assert_eq!(next.status(), ServingStatus::NotServing);
+    assert_eq!(next.status(), ServingStatus::NotServing, "the next update is the shutdown flip");
 }

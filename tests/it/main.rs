@@ -7,6 +7,7 @@
 
 mod grpc;
 mod health;
+mod inbox;
 mod kafka;
 mod openapi;
 mod outbox;

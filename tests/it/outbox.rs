@@ -18,9 +18,9 @@ use orders_service::{
     store::{Store, StoreError},
 };
 
-use crate::{kafka, store_conformance::store, support::Backend};
+use crate::{kafka, store_conformance::store_with_url, support::Backend};
 
-const PARTITIONS: i32 = 8;
+pub const PARTITIONS: i32 = 8;
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// Where a test's events go, and how to read them back.
@@ -61,7 +61,7 @@ impl Sink {
                 .into_iter()
                 .map(|r| kafka::Record {
                     key: r.key,
-                    headers: r.headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    headers: r.headers.into_iter().collect(),
                     payload: r.payload,
                     partition: 0,
                     offset: r.offset as i64,
@@ -99,6 +99,8 @@ impl Publisher for SizeLimit {
 /// Store, use-cases and the pieces a relay needs, without any server.
 pub struct Pipeline {
     pub store: Arc<dyn Store>,
+    /// The database URL (a SQLite URL for the embedded backend).
+    pub url: String,
     pub orders: Orders,
     pub metrics: Arc<Metrics>,
     wakeup: Arc<Wakeup>,
@@ -107,10 +109,15 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn new(backend: Backend) -> Self {
-        let (store, dir) = store(backend).await;
+        let (store, dir, url) = store_with_url(backend).await;
         let wakeup = Wakeup::new(None);
         let orders = Orders::new(store.clone(), wakeup.clone(), PARTITIONS);
-        Self { store, orders, metrics: Metrics::new().expect("metrics"), wakeup, _dir: dir }
+        Self { store, url, orders, metrics: Metrics::new().expect("metrics"), wakeup, _dir: dir }
+    }
+
+    /// The wake-up handle shared by the use-cases and relays of this pipeline.
+    pub fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
     }
 
     pub fn relay(
@@ -178,7 +185,7 @@ async fn new_order(orders: &Orders, items: usize) -> Order {
     orders.create(NewOrder::parse(draft).expect("valid"), &trace).await.expect("create")
 }
 
-fn header<'a>(record: &'a kafka::Record, name: &str) -> &'a str {
+pub fn header<'a>(record: &'a kafka::Record, name: &str) -> &'a str {
     record
         .headers
         .get(name)

@@ -14,6 +14,12 @@ use crate::support::{Backend, fresh_postgres, settings};
 
 /// A migrated, empty store of the given kind (the temp dir keeps a SQLite file alive).
 pub async fn store(backend: Backend) -> (Arc<dyn Store>, Option<tempfile::TempDir>) {
+    let (store, dir, _) = store_with_url(backend).await;
+    (store, dir)
+}
+
+/// Like [`store`], and also returns the database URL.
+pub async fn store_with_url(backend: Backend) -> (Arc<dyn Store>, Option<tempfile::TempDir>, String) {
     let (url, dir) = match backend {
         Backend::Postgres => (fresh_postgres().await, None),
         Backend::Sqlite => {
@@ -26,7 +32,7 @@ pub async fn store(backend: Backend) -> (Arc<dyn Store>, Option<tempfile::TempDi
     assert!(!store.migrations_applied().await.expect("check"), "a fresh database has pending migrations");
     store.migrate().await.expect("migrate");
     assert!(store.migrations_applied().await.expect("check"));
-    (store, dir)
+    (store, dir, url)
 }
 
 fn order(note: Option<&str>) -> Order {

@@ -1,0 +1,303 @@
+//! The inbox: idempotent consumption of other services' events.
+//!
+//! Each message is handled in one transaction: insert `(consumer, message id)` into
+//! `inbox` (`ON CONFLICT DO NOTHING`); only if that inserted a row is the effect applied;
+//! commit; and only then may the runner store the Kafka offset. A redelivered message
+//! finds its row and is acknowledged as a duplicate, never applied twice.
+//!
+//! - Transient failures (database unreachable, timeouts) are retried with backoff and the
+//!   offset is not stored, so no message is ever skipped.
+//! - Poison messages (undecodable, unknown type, invalid) go to `<topic>.dlq` with headers
+//!   naming the error and the source position, are recorded in `inbox_rejection`, and the
+//!   stream continues.
+//! - Messages that are valid but not applicable (a payment for an order in another state or
+//!   for another amount) are recorded as rejected, visible to operators, and not retried.
+//!
+//! [`kafka`] runs this against Kafka (one worker per partition, bounded), [`bus`] against
+//! the in-process bus of the embedded mode.
+
+pub mod bus;
+mod effects;
+pub mod kafka;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    backoff::Backoff,
+    metrics::Metrics,
+    outbox::Wakeup,
+    publish::{OutboundMessage, Publisher},
+    store::{Store, StoreError},
+};
+
+/// The customer read model kept from `customers.events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerProjection {
+    /// Customer id.
+    pub customer_id: String,
+    /// Name shown on orders.
+    pub display_name: String,
+    /// Loyalty tier (`STANDARD`, `GOLD`, …).
+    pub tier: String,
+    /// Highest version applied.
+    pub version: i64,
+}
+
+/// An inbound message that was not applied, as recorded for operators.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    /// Consumer name (group / topic).
+    pub consumer: String,
+    /// CloudEvents id, when the message had one.
+    pub message_id: Option<String>,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// CloudEvents type, when known.
+    pub event_type: Option<String>,
+    /// [`Rejection::REJECTED`] or [`Rejection::DEAD_LETTERED`].
+    pub kind: &'static str,
+    /// Why.
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+impl Rejection {
+    /// Understood but not applicable (recorded, not retried).
+    pub const REJECTED: &'static str = "rejected";
+    /// Poison: sent to the DLQ.
+    pub const DEAD_LETTERED: &'static str = "dead-lettered";
+}
+
+/// A consumed message, independent of where it came from.
+#[derive(Debug, Clone)]
+pub struct InboundMessage {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition (0 on the in-process bus).
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, String)>,
+    /// Value.
+    pub payload: Vec<u8>,
+}
+
+impl InboundMessage {
+    /// The first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// What handling a message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The effect was applied.
+    Applied,
+    /// Seen before: acknowledged, no effect.
+    Duplicate,
+    /// Older than what is stored (a customer version): acknowledged, ignored.
+    Stale,
+    /// Valid but not applicable; recorded.
+    Rejected(String),
+}
+
+impl Outcome {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Stale => "stale",
+            Self::Rejected(_) => "rejected",
+        }
+    }
+}
+
+/// Why a message could not be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Retry later without committing the offset.
+    #[error("transient: {0}")]
+    Transient(#[from] StoreError),
+    /// The message can never be applied: dead-letter it.
+    #[error("poison: {0}")]
+    Poison(String),
+}
+
+/// Topics and naming.
+#[derive(Debug, Clone)]
+pub struct InboxSettings {
+    /// Consumer group; also prefixes inbox consumer names.
+    pub group_id: String,
+    /// Topic of payment events.
+    pub payments_topic: String,
+    /// Topic of customer events.
+    pub customers_topic: String,
+    /// Inbox rows older than this are purged (keep it longer than the broker's retention).
+    pub retention: Duration,
+    /// Upper bound on partitions processed at once.
+    pub max_parallel_partitions: usize,
+}
+
+/// The inbox handler shared by the Kafka and bus runners.
+pub struct Inbox {
+    store: Arc<dyn Store>,
+    wakeup: Arc<Wakeup>,
+    /// Outbox partitions, for the events the effects emit.
+    partitions: i32,
+    /// Where poison messages go (`<topic>.dlq`).
+    dlq: Arc<dyn Publisher>,
+    metrics: Arc<Metrics>,
+    backoff: Backoff,
+    settings: InboxSettings,
+}
+
+impl Inbox {
+    /// Builds the handler.
+    pub fn new(
+        store: Arc<dyn Store>,
+        wakeup: Arc<Wakeup>,
+        partitions: i32,
+        dlq: Arc<dyn Publisher>,
+        metrics: Arc<Metrics>,
+        backoff: Backoff,
+        settings: InboxSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self { store, wakeup, partitions, dlq, metrics, backoff, settings })
+    }
+
+    /// The topics consumed.
+    pub fn topics(&self) -> Vec<String> {
+        vec![self.settings.payments_topic.clone(), self.settings.customers_topic.clone()]
+    }
+
+    /// Settings in force.
+    pub fn settings(&self) -> &InboxSettings {
+        &self.settings
+    }
+
+    fn consumer_name(&self, topic: &str) -> String {
+        format!("{}/{topic}", self.settings.group_id)
+    }
+
+    /// Handles one message in one transaction (the single step tests drive).
+    pub async fn handle(&self, message: &InboundMessage) -> Result<Outcome, HandleError> {
+        effects::handle(self, message).await
+    }
+
+    /// Handles a message until it is done: retries transient failures with backoff (the
+    /// offset must not move past an unapplied message), dead-letters poison. Returns `false`
+    /// if `stop` fired first, in which case the caller must not store the offset.
+    pub async fn process(&self, message: &InboundMessage, stop: &CancellationToken) -> bool {
+        let started = std::time::Instant::now();
+        let mut attempt = 0u32;
+        let result = loop {
+            match self.handle(message).await {
+                Ok(outcome) => break outcome.label(),
+                Err(HandleError::Poison(reason)) => match self.dead_letter(message, &reason).await {
+                    Ok(()) => break "dead_lettered",
+                    Err(e) => tracing::warn!(error = format!("{e:#}"), "could not dead-letter; retrying"),
+                },
+                Err(HandleError::Transient(e)) => {
+                    self.metrics.inbox_retries.with_label_values(&[&message.topic]).inc();
+                    tracing::warn!(topic = %message.topic, offset = message.offset, attempt,
+                        error = format!("{:#}", anyhow::Error::from(e)), "inbox: transient failure; retrying");
+                }
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(self.backoff.delay(attempt)) => {}
+            }
+        };
+        self.metrics.inbox_messages.with_label_values(&[&message.topic, result]).inc();
+        self.metrics
+            .inbox_processing
+            .with_label_values(&[&message.topic])
+            .observe(started.elapsed().as_secs_f64());
+        true
+    }
+
+    /// Publishes a poison message to `<topic>.dlq` with error headers and records it.
+    async fn dead_letter(&self, message: &InboundMessage, reason: &str) -> anyhow::Result<()> {
+        tracing::error!(topic = %message.topic, partition = message.partition, offset = message.offset, %reason,
+            "inbox: poison message; sending to the DLQ");
+        let mut headers: Vec<(String, String)> = message.headers.clone();
+        headers.extend([
+            ("dlq_error".to_owned(), reason.to_owned()),
+            ("dlq_source_topic".to_owned(), message.topic.clone()),
+            ("dlq_source_partition".to_owned(), message.partition.to_string()),
+            ("dlq_source_offset".to_owned(), message.offset.to_string()),
+            ("dlq_consumer".to_owned(), self.settings.group_id.clone()),
+        ]);
+        let dlq = OutboundMessage {
+            topic: format!("{}.dlq", message.topic),
+            key: message.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+            payload: message.payload.clone(),
+            headers,
+        };
+        if let Some(Err(e)) = self.dlq.publish(vec![dlq]).await.into_iter().next() {
+            anyhow::bail!("publishing to the DLQ: {e}");
+        }
+        let rejection = Rejection {
+            consumer: self.consumer_name(&message.topic),
+            message_id: message.header("ce_id").map(str::to_owned),
+            topic: message.topic.clone(),
+            partition: message.partition,
+            offset: message.offset,
+            event_type: message.header("ce_type").map(str::to_owned),
+            kind: Rejection::DEAD_LETTERED,
+            reason: reason.to_owned(),
+            at: Utc::now(),
+        };
+        let mut tx = self.store.begin().await?;
+        tx.insert_rejection(&rejection).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes one bounded batch of expired inbox rows; returns how many.
+    pub async fn purge_once(&self, limit: i64) -> Result<u64, StoreError> {
+        let horizon =
+            Utc::now() - chrono::Duration::from_std(self.settings.retention).unwrap_or(chrono::Duration::MAX);
+        self.store.purge_inbox(horizon, limit).await
+    }
+
+    /// Purges expired inbox rows every `interval`, in batches of 1,000 so no statement runs long.
+    pub async fn run_retention(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        loop {
+            loop {
+                match self.purge_once(1000).await {
+                    Ok(1000) => continue,
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(deleted = n, "inbox retention purge");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbox retention purge failed");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
