@@ -199,19 +199,13 @@ impl App {
         if let Some(inbox) = inbox {
             background
                 .push(tokio::spawn(inbox.clone().run_retention(RETENTION_INTERVAL, background_stop.clone())));
-            match (&settings.kafka, &bus) {
-                (Some(kafka), _) => {
-                    let consumer = KafkaInbox::new(&kafka.client, inbox)?;
-                    background.push(tokio::spawn(consumer.run(background_stop.clone())));
-                }
-                (None, Some(bus)) => {
-                    background.push(tokio::spawn(inbox::bus::run(
-                        bus.clone(),
-                        inbox,
-                        background_stop.clone(),
-                    )));
-                }
-                (None, None) => unreachable!("without Kafka there is always a bus"),
+            if let Some(kafka) = &settings.kafka {
+                let consumer = KafkaInbox::new(&kafka.client, inbox, metrics.clone())?;
+                background.push(tokio::spawn(consumer.run(background_stop.clone())));
+            } else if let Some(bus) = &bus {
+                // Subscribed here, before the servers accept requests, so nothing is missed.
+                let records = bus.subscribe();
+                background.push(tokio::spawn(inbox::bus::run(records, inbox, background_stop.clone())));
             }
         }
 

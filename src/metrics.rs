@@ -20,6 +20,7 @@
 //! | `inbox_messages_total` | counter | `topic`, `result` = applied / duplicate / stale / rejected / dead_lettered |
 //! | `inbox_processing_seconds` | histogram | `topic`; includes retries |
 //! | `inbox_retries_total` | counter | `topic`; transient failures retried |
+//! | `inbox_consumer_lag` | gauge | `topic`, `partition`; from librdkafka statistics (every 5 s) |
 
 use std::{
     future::Future,
@@ -36,8 +37,8 @@ use axum::{
     response::Response,
 };
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, from 1 ms to 10 s.
@@ -80,6 +81,8 @@ pub struct Metrics {
     pub inbox_processing: HistogramVec,
     /// Transient inbox failures that were retried.
     pub inbox_retries: IntCounterVec,
+    /// Consumer lag per partition (messages behind the high watermark).
+    pub inbox_consumer_lag: IntGaugeVec,
 }
 
 impl Metrics {
@@ -135,6 +138,11 @@ impl Metrics {
             &["topic"],
         )?;
         registry.register(Box::new(inbox_retries.clone()))?;
+        let inbox_consumer_lag = IntGaugeVec::new(
+            Opts::new("inbox_consumer_lag", "Messages behind the high watermark, per partition"),
+            &["topic", "partition"],
+        )?;
+        registry.register(Box::new(inbox_consumer_lag.clone()))?;
         registry.register(Box::new(inbox_messages.clone()))?;
         registry.register(Box::new(inbox_processing.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
@@ -164,6 +172,7 @@ impl Metrics {
             inbox_messages,
             inbox_processing,
             inbox_retries,
+            inbox_consumer_lag,
         }))
     }
 

@@ -3,16 +3,16 @@
 
 use std::sync::Arc;
 
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{Receiver, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use super::{InboundMessage, Inbox};
-use crate::publish::{BusRecord, InMemoryBus};
+use crate::publish::BusRecord;
 
-/// Consumes the inbox topics from `bus` until `stop`.
-pub async fn run(bus: Arc<InMemoryBus>, inbox: Arc<Inbox>, stop: CancellationToken) {
+/// Consumes the inbox topics from `records` (a subscription to the bus, taken before
+/// anything can publish, so nothing is missed) until `stop`.
+pub async fn run(mut records: Receiver<BusRecord>, inbox: Arc<Inbox>, stop: CancellationToken) {
     let topics = inbox.topics();
-    let mut records = bus.subscribe();
     loop {
         let record = tokio::select! {
             _ = stop.cancelled() => return,

@@ -8,29 +8,48 @@ use std::{collections::HashMap, sync::Arc};
 
 use anyhow::Context;
 use rdkafka::{
-    Message,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    ClientContext, Message, Statistics,
+    consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer},
     message::Headers,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{InboundMessage, Inbox};
-use crate::publish::KafkaSettings;
+use crate::{metrics::Metrics, publish::KafkaSettings};
+
+/// Receives librdkafka's statistics to export consumer lag per partition.
+pub struct LagContext(Arc<Metrics>);
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // librdkafka reports -1 for partitions it does not consume.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    let partition = partition.to_string();
+                    self.0.inbox_consumer_lag.with_label_values(&[topic, &partition]).set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
 
 /// Messages buffered per partition worker (backpressure on the consumer beyond this).
 const WORKER_QUEUE: usize = 64;
 
 /// The Kafka runner.
 pub struct KafkaInbox {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     inbox: Arc<Inbox>,
 }
 
 impl KafkaInbox {
     /// Creates the group consumer (it joins on [`KafkaInbox::run`]).
-    pub fn new(settings: &KafkaSettings, inbox: Arc<Inbox>) -> anyhow::Result<Self> {
-        let consumer: StreamConsumer = settings
+    pub fn new(settings: &KafkaSettings, inbox: Arc<Inbox>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let consumer: StreamConsumer<LagContext> = settings
             .client_config()
             .set("group.id", &inbox.settings().group_id)
             .set("enable.auto.commit", "true")
@@ -38,7 +57,8 @@ impl KafkaInbox {
             // Offsets are stored by hand, after the message's transaction committed.
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .create()
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(LagContext(metrics))
             .context("creating the Kafka consumer (check APP_KAFKA__*)")?;
         Ok(Self { consumer: Arc::new(consumer), inbox })
     }
@@ -104,7 +124,7 @@ impl KafkaInbox {
 
 /// Processes one partition's messages in order.
 struct Worker {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     inbox: Arc<Inbox>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,

@@ -75,9 +75,9 @@ fn inbox(pipeline: &Pipeline, store: Arc<dyn Store>, topics: &Topics, retention:
 }
 
 /// Starts the Kafka runner; cancel the token to stop it.
-fn consume(inbox: Arc<Inbox>) -> CancellationToken {
+fn consume(inbox: Arc<Inbox>, metrics: Arc<orders_service::metrics::Metrics>) -> CancellationToken {
     let stop = CancellationToken::new();
-    let runner = KafkaInbox::new(&kafka::settings(&kafka::brokers()), inbox).expect("consumer");
+    let runner = KafkaInbox::new(&kafka::settings(&kafka::brokers()), inbox, metrics).expect("consumer");
     tokio::spawn(runner.run(stop.clone()));
     stop
 }
@@ -138,7 +138,10 @@ async fn one_two_and_fifty_deliveries_have_exactly_one_effect_each() {
     messages.extend((0..2).map(|_| payment_captured(&topics.payments, "twice", &orders[1])));
     messages.extend((0..50).map(|_| payment_captured(&topics.payments, "fifty", &orders[2])));
     produce(messages).await;
-    let stop = consume(inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)));
+    let stop = consume(
+        inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)),
+        pipeline.metrics.clone(),
+    );
     eventually(Duration::from_secs(30), "53 deliveries handled", || async {
         count(&pipeline, &topics.payments, "applied") + count(&pipeline, &topics.payments, "duplicate") == 53
     })
@@ -180,7 +183,7 @@ async fn a_crash_after_commit_before_the_offset_commit_is_a_counted_duplicate() 
     assert_eq!(inbox.handle(&inbound).await.expect("handled"), Outcome::Applied);
     // …so the broker redelivers it to the group.
     produce(vec![message]).await;
-    let stop = consume(inbox);
+    let stop = consume(inbox, pipeline.metrics.clone());
     eventually(Duration::from_secs(30), "the redelivery", || async {
         count(&pipeline, &topics.payments, "duplicate") == 1
     })
@@ -206,7 +209,10 @@ async fn out_of_order_customer_versions_leave_the_newest() {
         )
     };
     produce(vec![update(3), update(1), update(2)]).await;
-    let stop = consume(inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)));
+    let stop = consume(
+        inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)),
+        pipeline.metrics.clone(),
+    );
     eventually(Duration::from_secs(30), "three updates handled", || async {
         count(&pipeline, &topics.customers, "applied") + count(&pipeline, &topics.customers, "stale") == 3
     })
@@ -241,7 +247,10 @@ async fn poison_goes_to_the_dlq_with_its_provenance_and_the_stream_goes_on() {
     );
     // Same key, so all four land on one partition, in this order.
     produce(vec![garbage, unknown, invalid, payment_captured(&topics.payments, "good", &order)]).await;
-    let stop = consume(inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)));
+    let stop = consume(
+        inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)),
+        pipeline.metrics.clone(),
+    );
     eventually(Duration::from_secs(30), "the good message after the poison", || async {
         count(&pipeline, &topics.payments, "applied") == 1
     })
@@ -290,7 +299,10 @@ async fn payments_that_do_not_fit_are_rejected_visibly_not_retried() {
         json!({"paymentId": "p2", "orderId": order.id.to_string(), "reason": "card declined"}),
     );
     produce(vec![wrong_amount, failed, payment_captured(&topics.payments, "late", &cancelled)]).await;
-    let stop = consume(inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)));
+    let stop = consume(
+        inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)),
+        pipeline.metrics.clone(),
+    );
     eventually(Duration::from_secs(30), "three messages handled", || async {
         count(&pipeline, &topics.payments, "rejected") + count(&pipeline, &topics.payments, "applied") == 3
     })
@@ -319,7 +331,8 @@ async fn a_database_outage_mid_stream_loses_and_duplicates_nothing() {
     for _ in 0..10 {
         orders.push(pipeline.create(1).await);
     }
-    let stop = consume(inbox(&pipeline, inbox_store, &topics, Duration::from_secs(3600)));
+    let stop =
+        consume(inbox(&pipeline, inbox_store, &topics, Duration::from_secs(3600)), pipeline.metrics.clone());
     produce(
         orders[..5]
             .iter()
@@ -426,6 +439,13 @@ async fn end_to_end_a_captured_payment_pays_the_order_and_publishes_order_paid()
     assert_ne!(header(&records[1], "ce_id"), "e2e-1", "not the payment's id");
     let paid: serde_json::Value = serde_json::from_slice(&records[1].payload).expect("json");
     assert_eq!(paid["paymentId"], "pay-e2e");
+    eventually(Duration::from_secs(15), "consumer lag from librdkafka statistics", || async {
+        let metrics = app.metrics().await;
+        metrics.lines().any(|l| {
+            l.starts_with("inbox_consumer_lag{") && l.contains(&topics.payments) && l.ends_with(" 0")
+        })
+    })
+    .await;
 }
 
 #[tokio::test]
