@@ -28,7 +28,7 @@ echo "$pid" >"$work/service.pid"
 
 wait_for 60 "/healthz on the default port" curl -fsS http://127.0.0.1:8080/healthz
 curl -fsS http://127.0.0.1:8080/readyz | grep -q '"status":"ready"' || die "/readyz is not ready"
-created="$(curl -fsS -X POST http://127.0.0.1:8080/v1/orders -H 'content-type: application/json' \
+created="$(curl -fsS -X POST http://127.0.0.1:8080/v1/orders -H 'content-type: application/json' -H 'idempotency-key: smoke-1' \
   -d '{"customer_id":"smoke","currency":"EUR","items":[{"sku":"SMOKE-1","quantity":2,"unit_price_minor":500}]}')"
 id="$(printf '%s' "$created" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
 fetched="$(curl -fsS "http://127.0.0.1:8080/v1/orders/$id")"

@@ -16,6 +16,7 @@ use crate::{
     grpc::GrpcOrders,
     health::Readiness,
     http::{self, AppState, Limits},
+    idempotency::{Idempotency, KeyStore, MemoryKeyStore, RedisKeyStore, http::IdempotencyLayerState},
     inbox::{self, Inbox, kafka::KafkaInbox},
     metrics::{GrpcMetricsLayer, Metrics},
     orders::Orders,
@@ -216,8 +217,13 @@ impl App {
             request_timeout: settings.http.request_timeout,
             body_limit_bytes: settings.http.body_limit_bytes,
         };
+        let idempotency = idempotency_service(&settings, metrics.clone())?;
         let state = AppState { orders: orders.clone(), readiness: readiness.clone() };
-        let rest = http::router(state, metrics.clone(), limits, settings.roles.api);
+        let idempotency_layer = IdempotencyLayerState {
+            idempotency: idempotency.clone(),
+            body_limit: settings.http.body_limit_bytes,
+        };
+        let rest = http::router(state, metrics.clone(), limits, settings.roles.api, idempotency_layer);
         let grpc_server = Server::builder()
             .timeout(settings.http.request_timeout)
             .layer(GrpcMetricsLayer(metrics.clone()))
@@ -226,7 +232,10 @@ impl App {
             // grpcurl before 1.9 and many other tools only speak v1alpha.
             .add_service(reflection().build_v1alpha()?)
             .add_optional_service(
-                settings.roles.api.then(|| GrpcOrders::server(orders, settings.http.body_limit_bytes)),
+                settings
+                    .roles
+                    .api
+                    .then(|| GrpcOrders::server(orders, idempotency, settings.http.body_limit_bytes)),
             );
 
         // The admin server outlives the others so metrics stay scrapeable while draining.
@@ -301,6 +310,17 @@ impl App {
         tracing::info!("stopped");
         failure.map_or(Ok(()), Err)
     }
+}
+
+/// Idempotency-Key service: Redis when configured, else in memory (single process).
+fn idempotency_service(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Idempotency>> {
+    let store: Arc<dyn KeyStore> = match &settings.redis {
+        Some(redis) => {
+            Arc::new(RedisKeyStore::new(redis.url.expose(), redis.key_prefix.clone(), redis.timeout)?)
+        }
+        None => Arc::new(MemoryKeyStore::new()),
+    };
+    Ok(Idempotency::new(store, settings.idempotency.clone(), metrics))
 }
 
 /// How often expired inbox rows are purged.

@@ -6,7 +6,20 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
-use crate::{backoff::Backoff, inbox::InboxSettings, publish::KafkaSettings};
+use crate::{
+    backoff::Backoff, idempotency::IdempotencySettings, inbox::InboxSettings, publish::KafkaSettings,
+};
+
+/// Redis connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://…` (may carry a password).
+    pub url: Secret,
+    /// Key namespace.
+    pub key_prefix: String,
+    /// Deadline per call.
+    pub timeout: Duration,
+}
 
 /// Every variable this service reads, with its default and meaning.
 pub const VARIABLES: &[(&str, &str, &str)] = &[
@@ -44,6 +57,12 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_OUTBOX__RETRY_MIN_MS", "200", "first retry delay ceiling (full jitter)"),
     ("APP_OUTBOX__RETRY_MAX_MS", "30000", "largest retry delay"),
     ("APP_OUTBOX__RELAY_ID", "", "lease owner id; empty = $HOSTNAME plus a random suffix"),
+    ("APP_REDIS__URL", "", "redis:// URL of the idempotency store; empty = in memory"),
+    ("APP_REDIS__KEY_PREFIX", "orders-service:idem:", "namespace of idempotency keys in Redis"),
+    ("APP_REDIS__TIMEOUT_MS", "250", "deadline per Redis call before falling back to the database"),
+    ("APP_IDEMPOTENCY__TTL_MS", "86400000", "how long a completed response is replayed (24 h)"),
+    ("APP_IDEMPOTENCY__LOCK_TTL_MS", "30000", "in-flight marker lifetime (> request timeout)"),
+    ("APP_IDEMPOTENCY__IDENTITY_HEADER", "", "trusted caller-identity header/metadata; empty = anonymous"),
     ("APP_LOG_FORMAT", "text", "text or json"),
     ("APP_LOG_LEVEL", "info", "tracing filter, e.g. info,orders_service=debug"),
 ];
@@ -96,6 +115,10 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     /// The inbox consumer.
     pub inbox: InboxSettings,
+    /// Idempotency-Key handling.
+    pub idempotency: IdempotencySettings,
+    /// Redis, when `APP_REDIS__URL` is set.
+    pub redis: Option<RedisSettings>,
     /// `APP_*` variables that matched no setting (probably typos), reported after logging starts.
     unknown: Vec<String>,
 }
@@ -315,6 +338,19 @@ impl Settings {
                 retention: Duration::from_secs(3600 * env.parse::<u64>("APP_INBOX__RETENTION_HOURS")?),
                 max_parallel_partitions: env.parse("APP_INBOX__MAX_PARALLEL_PARTITIONS")?,
             },
+            idempotency: IdempotencySettings {
+                ttl: env.millis("APP_IDEMPOTENCY__TTL_MS")?,
+                lock_ttl: env.millis("APP_IDEMPOTENCY__LOCK_TTL_MS")?,
+                identity_header: env.raw("APP_IDEMPOTENCY__IDENTITY_HEADER").to_ascii_lowercase(),
+            },
+            redis: match env.raw("APP_REDIS__URL") {
+                url if url.is_empty() => None,
+                url => Some(RedisSettings {
+                    url: Secret::new(url),
+                    key_prefix: env.raw("APP_REDIS__KEY_PREFIX"),
+                    timeout: env.millis("APP_REDIS__TIMEOUT_MS")?,
+                }),
+            },
             unknown: vars
                 .keys()
                 .filter(|k| !VARIABLES.iter().any(|(name, _, _)| name == k))
@@ -361,6 +397,17 @@ impl Settings {
         }
         if self.inbox.group_id.is_empty() {
             return Err(error("APP_KAFKA__GROUP_ID", "must not be empty"));
+        }
+        if self.idempotency.lock_ttl <= self.http.request_timeout {
+            return Err(error(
+                "APP_IDEMPOTENCY__LOCK_TTL_MS",
+                "must exceed APP_HTTP__REQUEST_TIMEOUT_MS, or a slow request's key could be taken twice",
+            ));
+        }
+        if let Some(redis) = &self.redis
+            && !(redis.url.expose().starts_with("redis://") || redis.url.expose().starts_with("rediss://"))
+        {
+            return Err(error("APP_REDIS__URL", "expected a redis:// or rediss:// URL"));
         }
         if self.events.topic.is_empty() {
             return Err(error("APP_EVENTS__TOPIC", "must not be empty"));

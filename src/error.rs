@@ -53,6 +53,15 @@ pub enum ApiError {
     /// The resource's state forbids the operation (e.g. cancelling a cancelled order).
     #[error(transparent)]
     StateConflict(DomainError),
+    /// The `Idempotency-Key` is missing where required, or malformed.
+    #[error("{0}")]
+    IdempotencyKey(String),
+    /// A request with the same key is still being processed; retry later.
+    #[error("a request with this Idempotency-Key is still in flight; retry later")]
+    IdempotencyInFlight,
+    /// The key was already used with a different request.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyMismatch,
     /// A concurrent update won; retrying the request is safe.
     #[error("the resource was modified concurrently; retry")]
     ConcurrentUpdate,
@@ -128,6 +137,18 @@ impl ApiError {
                 Code::FailedPrecondition,
                 "Operation not allowed in this state",
             ),
+            Self::IdempotencyKey(_) => {
+                ("idempotency-key", StatusCode::BAD_REQUEST, Code::InvalidArgument, "Invalid Idempotency-Key")
+            }
+            Self::IdempotencyInFlight => {
+                ("idempotency-in-flight", StatusCode::CONFLICT, Code::Aborted, "Request still in flight")
+            }
+            Self::IdempotencyMismatch => (
+                "idempotency-mismatch",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Code::FailedPrecondition,
+                "Idempotency-Key reused with a different request",
+            ),
             Self::ConcurrentUpdate => {
                 ("concurrent-update", StatusCode::CONFLICT, Code::Aborted, "Concurrent modification")
             }
@@ -153,7 +174,7 @@ impl ApiError {
 
     /// Whether the client may retry the same request later (drives `Retry-After`).
     fn retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Timeout)
+        matches!(self, Self::Unavailable(_) | Self::Timeout | Self::IdempotencyInFlight)
     }
 
     /// Logs server-side failures with their cause chain, once.
@@ -263,7 +284,7 @@ impl From<FieldViolation> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Conflict => Self::ConcurrentUpdate,
+            StoreError::Conflict | StoreError::UniqueViolation(_) => Self::ConcurrentUpdate,
             StoreError::Unavailable(e) => Self::Unavailable(e),
             StoreError::Other(e) => Self::Internal(e),
         }

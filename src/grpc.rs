@@ -1,12 +1,19 @@
 //! The gRPC adapter: `orders.v1.OrderService`. Translates protobuf messages into domain
 //! input and [`ApiError`]s into precise status codes with `google.rpc.BadRequest` details.
 
+use std::sync::Arc;
+
+use prost::Message;
 use prost_types::Timestamp;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
     domain::{LineItemDraft, ListQuery, NewOrder, Order, OrderDraft, OrderId, OrderStatus},
     error::ApiError,
+    idempotency::{
+        Executed, Fingerprint, Idempotency, IdempotencyContext, IdempotencyKey, ScopedKey, StoredResponse,
+        http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED},
+    },
     orders::Orders,
     outbox::TraceContext,
     pb::orders::v1::{
@@ -18,12 +25,20 @@ use crate::{
 /// The gRPC service implementation.
 pub struct GrpcOrders {
     orders: Orders,
+    idempotency: Arc<Idempotency>,
 }
+
+/// gRPC method path of CreateOrder, the route its idempotency keys are scoped to.
+const CREATE_ORDER: &str = "/orders.v1.OrderService/CreateOrder";
 
 impl GrpcOrders {
     /// Wraps the use-cases in a tonic server, with the message size limit applied.
-    pub fn server(orders: Orders, max_message_bytes: usize) -> OrderServiceServer<Self> {
-        OrderServiceServer::new(Self { orders })
+    pub fn server(
+        orders: Orders,
+        idempotency: Arc<Idempotency>,
+        max_message_bytes: usize,
+    ) -> OrderServiceServer<Self> {
+        OrderServiceServer::new(Self { orders, idempotency })
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes * 4)
     }
@@ -35,25 +50,37 @@ impl OrderService for GrpcOrders {
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
-        let trace = trace_context(request.metadata());
-        let r = request.into_inner();
-        let draft = OrderDraft {
-            customer_id: r.customer_id,
-            items: r
-                .items
-                .into_iter()
-                .map(|i| LineItemDraft {
-                    sku: i.sku,
-                    quantity: i.quantity.into(),
-                    unit_price_minor: i.unit_price_minor,
-                })
-                .collect(),
-            currency: r.currency,
-            note: r.note,
+        let idem = &self.idempotency;
+        let key = match request.metadata().get(IDEMPOTENCY_KEY).map(|v| v.to_str()) {
+            None => {
+                idem.count("missing");
+                return Err(ApiError::IdempotencyKey("metadata idempotency-key is required".into()).into());
+            }
+            Some(raw) => match raw.map_err(|_| ()).and_then(|v| IdempotencyKey::parse(v).map_err(|_| ())) {
+                Ok(key) => key,
+                Err(()) => {
+                    idem.count("malformed");
+                    let detail = "idempotency-key must be 1 to 255 visible ASCII characters, bare or quoted";
+                    return Err(ApiError::IdempotencyKey(detail.into()).into());
+                }
+            },
         };
-        let new = NewOrder::parse(draft).map_err(ApiError::from)?;
-        let order = self.orders.create(new, &trace).await?;
-        Ok(Response::new(pb::CreateOrderResponse { order: Some(to_pb(order)) }))
+        let identity = metadata_identity(request.metadata(), &idem.settings().identity_header);
+        let fingerprint = Fingerprint::of("grpc", CREATE_ORDER, &request.get_ref().encode_to_vec());
+        let scoped = ScopedKey::new(&identity, "grpc", CREATE_ORDER, &key);
+        let context = IdempotencyContext { key: scoped.clone(), fingerprint, ttl: idem.settings().ttl };
+        let executed = idem
+            .execute(&scoped, &fingerprint, || async {
+                let result = self.create(request, &context).await;
+                stored(result)
+            })
+            .await
+            .map_err(Status::from)?;
+        let (stored, replayed) = match executed {
+            Executed::Fresh(stored) => (stored, false),
+            Executed::Replayed(stored) => (stored, true),
+        };
+        restore(stored, replayed)
     }
 
     async fn get_order(
@@ -90,6 +117,90 @@ impl OrderService for GrpcOrders {
         let order = self.orders.cancel(id, &trace).await?;
         Ok(Response::new(pb::CancelOrderResponse { order: Some(to_pb(order)) }))
     }
+}
+
+impl GrpcOrders {
+    /// CreateOrder proper: validate, then the use-case with the backstop context.
+    async fn create(
+        &self,
+        request: Request<pb::CreateOrderRequest>,
+        context: &IdempotencyContext,
+    ) -> Result<(pb::CreateOrderResponse, bool), ApiError> {
+        let trace = trace_context(request.metadata());
+        let r = request.into_inner();
+        let draft = OrderDraft {
+            customer_id: r.customer_id,
+            items: r
+                .items
+                .into_iter()
+                .map(|i| LineItemDraft {
+                    sku: i.sku,
+                    quantity: i.quantity.into(),
+                    unit_price_minor: i.unit_price_minor,
+                })
+                .collect(),
+            currency: r.currency,
+            note: r.note,
+        };
+        let new = NewOrder::parse(draft)?;
+        let created = self.orders.create(new, &trace, Some(context)).await?;
+        Ok((pb::CreateOrderResponse { order: Some(to_pb(created.order)) }, created.replayed))
+    }
+}
+
+/// A CreateOrder outcome as stored for replay: code 0 with the encoded response, or the
+/// error's code, message and details. Only deterministic outcomes are kept.
+fn stored(result: Result<(pb::CreateOrderResponse, bool), ApiError>) -> (StoredResponse, bool) {
+    match result {
+        Ok((response, replayed)) => {
+            let headers =
+                if replayed { vec![(IDEMPOTENT_REPLAYED.to_owned(), "true".to_owned())] } else { Vec::new() };
+            (StoredResponse { status: 0, headers, body: response.encode_to_vec() }, true)
+        }
+        Err(error) => {
+            let deterministic = !error.kind().status.is_server_error();
+            let status = Status::from(error);
+            let headers = vec![("grpc-message".to_owned(), status.message().to_owned())];
+            (
+                StoredResponse { status: status.code() as u16, headers, body: status.details().to_vec() },
+                deterministic,
+            )
+        }
+    }
+}
+
+/// Rebuilds the gRPC response (or status) from a stored outcome.
+fn restore(stored: StoredResponse, replayed: bool) -> Result<Response<pb::CreateOrderResponse>, Status> {
+    let replayed = replayed || stored.headers.iter().any(|(k, _)| k == IDEMPOTENT_REPLAYED);
+    if stored.status != 0 {
+        let message = stored
+            .headers
+            .iter()
+            .find(|(k, _)| k == "grpc-message")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        return Err(Status::with_details(Code::from(i32::from(stored.status)), message, stored.body.into()));
+    }
+    let message = pb::CreateOrderResponse::decode(stored.body.as_slice())
+        .map_err(|e| Status::internal(format!("corrupt stored response: {e}")))?;
+    let mut response = Response::new(message);
+    if replayed {
+        response.metadata_mut().insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The caller's identity from the configured trusted metadata key, or `anonymous`.
+fn metadata_identity(metadata: &tonic::metadata::MetadataMap, name: &str) -> String {
+    if name.is_empty() {
+        return "anonymous".to_owned();
+    }
+    metadata
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or("anonymous")
+        .to_owned()
 }
 
 /// The caller's W3C trace context from gRPC metadata.

@@ -13,6 +13,7 @@
 //! - [`store`]: the storage port and its PostgreSQL and SQLite adapters.
 //! - [`events`]: the events this service publishes, encoded for the outbox.
 //! - [`outbox`]: outbox rows, partition wake-ups and the relay that publishes them.
+//! - [`idempotency`]: Idempotency-Key for REST and gRPC: Redis (or memory) fast path, database backstop.
 //! - [`inbox`]: idempotent consumption of payment and customer events, with dead-lettering.
 //! - [`publish`]: the publisher port with its Kafka and in-process adapters.
 //! - [`backoff`]: exponential backoff with full jitter, shared by retry loops.
@@ -35,6 +36,7 @@ pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod idempotency;
 pub mod inbox;
 pub mod metrics;
 pub mod orders;

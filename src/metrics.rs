@@ -20,6 +20,7 @@
 //! | `inbox_messages_total` | counter | `topic`, `result` = applied / duplicate / stale / rejected / dead_lettered |
 //! | `inbox_processing_seconds` | histogram | `topic`; includes retries |
 //! | `inbox_retries_total` | counter | `topic`; transient failures retried |
+//! | `idempotency_outcomes_total` | counter | `outcome` = new / replayed / conflict / mismatch / missing / malformed / store_error |
 //! | `inbox_consumer_lag` | gauge | `topic`, `partition`; from librdkafka statistics (every 5 s) |
 
 use std::{
@@ -83,6 +84,8 @@ pub struct Metrics {
     pub inbox_retries: IntCounterVec,
     /// Consumer lag per partition (messages behind the high watermark).
     pub inbox_consumer_lag: IntGaugeVec,
+    /// Idempotency-Key outcomes.
+    pub idempotency_outcomes: IntCounterVec,
 }
 
 impl Metrics {
@@ -143,6 +146,11 @@ impl Metrics {
             &["topic", "partition"],
         )?;
         registry.register(Box::new(inbox_consumer_lag.clone()))?;
+        let idempotency_outcomes = IntCounterVec::new(
+            Opts::new("idempotency_outcomes_total", "Idempotency-Key outcomes"),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(idempotency_outcomes.clone()))?;
         registry.register(Box::new(inbox_messages.clone()))?;
         registry.register(Box::new(inbox_processing.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
@@ -173,6 +181,7 @@ impl Metrics {
             inbox_processing,
             inbox_retries,
             inbox_consumer_lag,
+            idempotency_outcomes,
         }))
     }
 

@@ -10,9 +10,19 @@ use crate::{
     domain::{ListQuery, NewOrder, Order, OrderId, PageToken},
     error::ApiError,
     events,
+    idempotency::IdempotencyContext,
     outbox::{TraceContext, Wakeup},
-    store::Store,
+    store::{IDEMPOTENCY_KEY_INDEX, Store, StoreError},
 };
+
+/// A created order, or the one an earlier request with the same Idempotency-Key created.
+#[derive(Debug)]
+pub struct Created {
+    /// The order.
+    pub order: Order,
+    /// `true` when the database backstop found it (the key store had lost the response).
+    pub replayed: bool,
+}
 
 /// One page of a listing.
 #[derive(Debug)]
@@ -39,18 +49,61 @@ impl Orders {
         Self { store, wakeup, partitions }
     }
 
-    /// Stores a new PENDING order and its `OrderCreated` event in one transaction.
+    /// Stores a new PENDING order and its `OrderCreated` event in one transaction. With an
+    /// Idempotency-Key the order is bound to the scoped key under a unique index (the
+    /// backstop): a second create with the key returns the first order, or fails with a
+    /// mismatch if the request differs.
     #[tracing::instrument(skip_all, fields(order_id), err(level = "debug"))]
-    pub async fn create(&self, new: NewOrder, trace: &TraceContext) -> Result<Order, ApiError> {
-        let order = Order::create(OrderId::generate(), new, now());
-        tracing::Span::current().record("order_id", tracing::field::display(order.id));
-        let event = events::order_created(&order, trace, self.partitions);
-        let mut tx = self.store.begin().await?;
-        tx.insert_order(&order).await?;
-        tx.insert_outbox(&event).await?;
-        tx.commit().await?;
-        self.wakeup.committed(event.partition);
-        Ok(order)
+    pub async fn create(
+        &self,
+        new: NewOrder,
+        trace: &TraceContext,
+        idempotency: Option<&IdempotencyContext>,
+    ) -> Result<Created, ApiError> {
+        // A second round happens only after an expired key binding was released.
+        for _ in 0..2 {
+            let order = Order::create(OrderId::generate(), new.clone(), now());
+            tracing::Span::current().record("order_id", tracing::field::display(order.id));
+            let event = events::order_created(&order, trace, self.partitions);
+            let mut tx = self.store.begin().await?;
+            tx.insert_order(&order).await?;
+            if let Some(idem) = idempotency {
+                let expires_at = now() + idem.ttl;
+                match tx
+                    .bind_idempotency_key(order.id, idem.key.as_str(), &idem.fingerprint.0, expires_at)
+                    .await
+                {
+                    Err(StoreError::UniqueViolation(index)) if index == IDEMPOTENCY_KEY_INDEX => {
+                        drop(tx);
+                        match self.existing(idem).await? {
+                            Some(created) => return Ok(created),
+                            None => continue,
+                        }
+                    }
+                    result => result?,
+                }
+            }
+            tx.insert_outbox(&event).await?;
+            tx.commit().await?;
+            self.wakeup.committed(event.partition);
+            return Ok(Created { order, replayed: false });
+        }
+        Err(ApiError::IdempotencyInFlight)
+    }
+
+    /// The order already bound to the key, if the binding is live and the request matches.
+    async fn existing(&self, idem: &IdempotencyContext) -> Result<Option<Created>, ApiError> {
+        let Some(bound) = self.store.find_by_idempotency_key(idem.key.as_str()).await? else {
+            return Ok(None);
+        };
+        if bound.expires_at <= Utc::now() {
+            self.store.release_idempotency_key(idem.key.as_str()).await?;
+            return Ok(None);
+        }
+        if bound.fingerprint != idem.fingerprint.0 {
+            return Err(ApiError::IdempotencyMismatch);
+        }
+        Ok(Some(Created { order: bound.order, replayed: true }))
     }
 
     /// Reads one order, with its customer's display name when the projection knows it.
@@ -94,7 +147,7 @@ impl Orders {
 
 /// The current time at the precision every store keeps (Postgres: microseconds), so a
 /// response and a later read of the same order agree to the digit.
-fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 

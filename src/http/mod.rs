@@ -24,6 +24,7 @@ use utoipa::OpenApi;
 use crate::{
     error::{ApiError, Problem, ProblemField},
     health::{Check, Readiness, ReadinessReport},
+    idempotency::{self, http::IdempotencyLayerState},
     metrics::{self, Metrics},
     orders::Orders,
 };
@@ -72,12 +73,20 @@ pub struct Limits {
 }
 
 /// Builds the REST router; without the `api` role only the probes are served.
-pub fn router(state: AppState, metrics: Arc<Metrics>, limits: Limits, api_role: bool) -> Router {
+pub fn router(
+    state: AppState,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    api_role: bool,
+    idempotency: IdempotencyLayerState,
+) -> Router {
     let api = if api_role {
+        let required = middleware::from_fn_with_state(idempotency.clone(), idempotency::http::required);
+        let optional = middleware::from_fn_with_state(idempotency, idempotency::http::optional);
         Router::new()
-            .route("/v1/orders", post(orders::create_order).get(orders::list_orders))
+            .route("/v1/orders", post(orders::create_order).layer(required).get(orders::list_orders))
             .route("/v1/orders/{id}", get(orders::get_order))
-            .route("/v1/orders/{id}/cancel", post(orders::cancel_order))
+            .route("/v1/orders/{id}/cancel", post(orders::cancel_order).layer(optional))
     } else {
         Router::new()
     };

@@ -2,6 +2,7 @@
 //! types in, [`OrderDraft`]/[`OrderId`] through the domain's validation, use-case, wire out.
 
 use axum::{
+    Extension,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::IntoResponse,
@@ -17,6 +18,7 @@ use super::{
 use crate::{
     domain::{LineItemDraft, ListQuery, NewOrder, Order, OrderDraft, OrderId, OrderStatus},
     error::{ApiError, Problem},
+    idempotency::{IdempotencyContext, http::IDEMPOTENT_REPLAYED},
     outbox::TraceContext,
 };
 
@@ -170,11 +172,19 @@ impl From<CreateOrderBody> for OrderDraft {
 /// Create an order.
 #[utoipa::path(
     post, path = "/v1/orders", tag = "orders", operation_id = "createOrder",
+    params(
+        ("Idempotency-Key" = String, Header, description = "Required. 1-255 visible ASCII characters, bare or quoted. \
+            Scoped to the caller, method and route; a retry with the same key and body replays the original response \
+            (for 24 h by default)."),
+    ),
     request_body = CreateOrderBody,
     responses(
-        (status = 201, description = "Order created", body = OrderBody,
-            headers(("Location" = String, description = "URL of the new order"))),
-        (status = 400, description = "Validation failed or malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Order created, or an earlier response replayed", body = OrderBody,
+            headers(("Location" = String, description = "URL of the new order"),
+                    ("Idempotent-Replayed" = String, description = "`true` when this is a replay of an earlier response"))),
+        (status = 400, description = "Validation failed, malformed JSON, or the Idempotency-Key is missing or malformed", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with this Idempotency-Key is still in flight; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The Idempotency-Key was used with a different request", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body larger than the limit", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Content-Type is not application/json", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable or request timed out; retry", body = Problem, content_type = "application/problem+json"),
@@ -183,15 +193,20 @@ impl From<CreateOrderBody> for OrderDraft {
 pub async fn create_order(
     State(state): State<AppState>,
     headers: HeaderMap,
+    idempotency: Option<Extension<IdempotencyContext>>,
     Json(body): Json<CreateOrderBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let new = NewOrder::parse(body.into())?;
-    let order = state.orders.create(new, &trace_context(&headers)).await?;
+    let idempotency = idempotency.map(|Extension(context)| context);
+    let created = state.orders.create(new, &trace_context(&headers), idempotency.as_ref()).await?;
     let mut headers = HeaderMap::new();
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/orders/{}", order.id)) {
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/orders/{}", created.order.id)) {
         headers.insert(header::LOCATION, location);
     }
-    Ok((StatusCode::CREATED, headers, axum::Json(OrderBody::from(order))))
+    if created.replayed {
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok((StatusCode::CREATED, headers, axum::Json(OrderBody::from(created.order))))
 }
 
 /// Get one order.
@@ -239,12 +254,16 @@ pub async fn list_orders(
 /// Cancel a PENDING order.
 #[utoipa::path(
     post, path = "/v1/orders/{id}/cancel", tag = "orders", operation_id = "cancelOrder",
-    params(("id" = Uuid, Path, description = "Order id")),
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Optional; same semantics as on createOrder."),
+    ),
     responses(
         (status = 200, description = "The cancelled order", body = OrderBody),
         (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The order is not PENDING (type invalid-state), or a concurrent update won (type concurrent-update; retry)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order is not PENDING (type invalid-state), a concurrent update won (type concurrent-update; retry), or a request with the same Idempotency-Key is in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The Idempotency-Key was used with a different request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable or request timed out; retry", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -5,6 +5,7 @@
 //! Writes go through [`Store::begin`]: the use-case owns the [`Tx`], performs every write of
 //! one state change in it (the outbox insert joins it later) and commits once.
 
+mod idempotency_sql;
 mod inbox_sql;
 mod postgres;
 mod postgres_outbox;
@@ -36,6 +37,9 @@ pub enum StoreError {
     /// An optimistic-concurrency check failed: someone else changed the row first.
     #[error("concurrent update")]
     Conflict,
+    /// A unique constraint rejected a write; carries the constraint (index) name.
+    #[error("unique constraint {0} violated")]
+    UniqueViolation(String),
     /// The database is unreachable, overloaded or timed out; retrying later may succeed.
     #[error("database unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -46,6 +50,9 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
+        if let Some(constraint) = unique_constraint(&err) {
+            return Self::UniqueViolation(constraint);
+        }
         let transient = match &err {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
@@ -65,6 +72,28 @@ impl From<sqlx::Error> for StoreError {
         if transient { Self::Unavailable(err.into()) } else { Self::Other(err.into()) }
     }
 }
+
+/// The one place that recognises unique-constraint violations, by constraint name:
+/// PostgreSQL reports the name; SQLite only names the columns (`orders.idempotency_key`),
+/// which are mapped to the index names the migrations create.
+fn unique_constraint(err: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(db) = err else { return None };
+    if !db.is_unique_violation() {
+        return None;
+    }
+    if let Some(name) = db.constraint() {
+        return Some(name.to_owned());
+    }
+    let message = db.message();
+    Some(if message.contains("orders.idempotency_key") {
+        IDEMPOTENCY_KEY_INDEX.to_owned()
+    } else {
+        message.to_owned()
+    })
+}
+
+/// Name of the unique index binding an order to its scoped Idempotency-Key.
+pub const IDEMPOTENCY_KEY_INDEX: &str = "orders_idempotency_key";
 
 /// The storage port: orders, and (as a supertrait) the outbox.
 #[async_trait]
@@ -88,6 +117,21 @@ pub trait Store: OutboxStore {
     async fn purge_inbox(&self, older_than: DateTime<Utc>, limit: i64) -> Result<u64, StoreError>;
     /// The most recent rejected or dead-lettered inbound messages.
     async fn list_rejections(&self, limit: i64) -> Result<Vec<Rejection>, StoreError>;
+    /// The order bound to a scoped Idempotency-Key, with the bound fingerprint and expiry.
+    async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<IdempotentOrder>, StoreError>;
+    /// Unbinds an expired key from its order, so the key can be used again.
+    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// An order found by its Idempotency-Key (the PostgreSQL backstop).
+#[derive(Debug, Clone)]
+pub struct IdempotentOrder {
+    /// The order.
+    pub order: Order,
+    /// Fingerprint of the request that created it.
+    pub fingerprint: Vec<u8>,
+    /// When the binding lapses.
+    pub expires_at: DateTime<Utc>,
 }
 
 /// One write transaction. Dropping it without [`Tx::commit`] rolls back.
@@ -108,6 +152,15 @@ pub trait Tx: Send {
     async fn upsert_customer(&mut self, customer: &CustomerProjection) -> Result<bool, StoreError>;
     /// Records an inbound message that was not applied.
     async fn insert_rejection(&mut self, rejection: &Rejection) -> Result<(), StoreError>;
+    /// Binds an order to a scoped Idempotency-Key; fails with
+    /// [`StoreError::UniqueViolation`] (`orders_idempotency_key`) if the key is taken.
+    async fn bind_idempotency_key(
+        &mut self,
+        order: OrderId,
+        key: &str,
+        fingerprint: &[u8],
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
     /// Commits every write of this transaction atomically.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
@@ -143,7 +196,7 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Line items as stored in the `items` JSON column. Separate from the domain type so the
 /// storage format changes only deliberately.
 #[derive(Debug, Serialize, Deserialize)]
-struct ItemRecord {
+pub(super) struct ItemRecord {
     sku: String,
     quantity: u32,
     unit_price_minor: i64,

@@ -15,8 +15,8 @@ use sqlx::{
 };
 
 use super::{
-    ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, inbox_sql, insert_order,
-    insert_outbox, update_order,
+    IdempotentOrder, ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, idempotency_sql,
+    inbox_sql, insert_order, insert_outbox, update_order,
 };
 use crate::{
     config::DatabaseSettings,
@@ -116,6 +116,14 @@ impl Store for SqliteStore {
         inbox_sql::list_rejections(&self.pool, limit).await
     }
 
+    async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<IdempotentOrder>, StoreError> {
+        idempotency_sql::find(&self.pool, key).await
+    }
+
+    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError> {
+        idempotency_sql::release(&self.pool, key).await
+    }
+
     async fn migrate(&self) -> anyhow::Result<()> {
         MIGRATOR.run(&self.pool).await.context("running sqlite migrations")
     }
@@ -154,6 +162,16 @@ impl Tx for SqliteTx {
 
     async fn insert_rejection(&mut self, rejection: &Rejection) -> Result<(), StoreError> {
         inbox_sql::insert_rejection(&mut *self.0, rejection).await
+    }
+
+    async fn bind_idempotency_key(
+        &mut self,
+        order: OrderId,
+        key: &str,
+        fingerprint: &[u8],
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        idempotency_sql::bind(&mut *self.0, order, key, fingerprint, expires_at).await
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {

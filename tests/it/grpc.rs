@@ -8,6 +8,14 @@ use tonic_types::StatusExt;
 
 use crate::support::TestApp;
 
+/// A CreateOrder request with a fresh `idempotency-key`.
+fn keyed(message: CreateOrderRequest) -> tonic::Request<CreateOrderRequest> {
+    let mut request = tonic::Request::new(message);
+    let key = crate::support::fresh_key().parse().expect("ascii metadata");
+    request.metadata_mut().insert("idempotency-key", key);
+    request
+}
+
 fn valid_request() -> CreateOrderRequest {
     CreateOrderRequest {
         customer_id: "cust-1".into(),
@@ -25,7 +33,7 @@ async fn create_get_list_cancel() {
     let app = TestApp::spawn().await;
     let mut client = app.grpc().await;
     let created =
-        client.create_order(valid_request()).await.expect("create").into_inner().order.expect("order");
+        client.create_order(keyed(valid_request())).await.expect("create").into_inner().order.expect("order");
     assert_eq!(created.status(), OrderStatus::Pending);
     assert_eq!(created.total_minor, 2599);
     assert_eq!(created.note, None);
@@ -34,7 +42,7 @@ async fn create_get_list_cancel() {
     assert_eq!(fetched.into_inner().order.as_ref(), Some(&created));
 
     for _ in 0..2 {
-        client.create_order(valid_request()).await.expect("create");
+        client.create_order(keyed(valid_request())).await.expect("create");
     }
     let first = client
         .list_orders(ListOrdersRequest { page_size: 2, page_token: String::new() })
@@ -75,7 +83,7 @@ async fn errors_map_to_precise_codes_with_field_details() {
     request.customer_id = String::new();
     request.items[1].quantity = 0;
     request.currency = "usd".into();
-    let invalid = client.create_order(request).await.expect_err("invalid");
+    let invalid = client.create_order(keyed(request)).await.expect_err("invalid");
     assert_eq!(invalid.code(), Code::InvalidArgument);
     let fields: Vec<String> = invalid
         .get_details_bad_request()
@@ -88,7 +96,7 @@ async fn errors_map_to_precise_codes_with_field_details() {
 
     let mut empty = valid_request();
     empty.items.clear();
-    let no_items = client.create_order(empty).await.expect_err("no items");
+    let no_items = client.create_order(keyed(empty)).await.expect_err("no items");
     assert_eq!(no_items.get_details_bad_request().expect("details").field_violations[0].field, "items");
 
     let token = client
@@ -122,7 +130,7 @@ async fn oversize_messages_are_rejected() {
     let mut client = app.grpc().await;
     let mut request = valid_request();
     request.note = Some("x".repeat(2 * 1024 * 1024));
-    let err = client.create_order(request).await.expect_err("too large");
+    let err = client.create_order(keyed(request)).await.expect_err("too large");
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 }
 
@@ -154,7 +162,7 @@ async fn the_clients_grpc_timeout_is_honoured() {
     let app = TestApp::spawn().await;
     let mut client = app.grpc().await;
     let created =
-        client.create_order(valid_request()).await.expect("create").into_inner().order.expect("order");
+        client.create_order(keyed(valid_request())).await.expect("create").into_inner().order.expect("order");
     let _lock = app.lock_order(&created.id).await;
     let mut request = tonic::Request::new(CancelOrderRequest { id: created.id.clone() });
     request.set_timeout(std::time::Duration::from_millis(200));

@@ -182,7 +182,7 @@ async fn new_order(orders: &Orders, items: usize) -> Order {
         note: None,
     };
     let trace = TraceContext::from_headers(Some(TRACEPARENT), Some("vendor=1"));
-    orders.create(NewOrder::parse(draft).expect("valid"), &trace).await.expect("create")
+    orders.create(NewOrder::parse(draft).expect("valid"), &trace, None).await.expect("create").order
 }
 
 pub fn header<'a>(record: &'a kafka::Record, name: &str) -> &'a str {

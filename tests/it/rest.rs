@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, problem, valid_order};
+use crate::support::{TestApp, fresh_key, problem, valid_order};
 
 #[tokio::test]
 async fn create_then_get_round_trips() {
@@ -127,7 +127,12 @@ async fn malformed_requests_get_problems_not_500s() {
     let app = TestApp::spawn().await;
     let url = format!("{}/v1/orders", app.http);
     let send = |body: &'static str, content_type: &'static str| {
-        app.client.post(&url).header("content-type", content_type).body(body).send()
+        app.client
+            .post(&url)
+            .header("content-type", content_type)
+            .header("idempotency-key", fresh_key())
+            .body(body)
+            .send()
     };
     problem(send("{not json", "application/json").await.expect("request"), 400, "malformed-request").await;
     let missing = problem(
@@ -150,6 +155,7 @@ async fn malformed_requests_get_problems_not_500s() {
         .client
         .post(&url)
         .header("content-type", "application/json")
+        .header("idempotency-key", fresh_key())
         .body(oversize)
         .send()
         .await

@@ -45,6 +45,7 @@ async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero() {
     let client = reqwest::Client::new();
     let created: Value = client
         .post(format!("http://{http}/v1/orders"))
+        .header("idempotency-key", "shutdown-test")
         .json(&valid_order())
         .send()
         .await

@@ -180,9 +180,20 @@ impl TestApp {
             .expect("connects")
     }
 
-    /// `POST /v1/orders` with a JSON body.
+    /// `POST /v1/orders` with a JSON body and a fresh Idempotency-Key.
     pub async fn create(&self, body: &Value) -> reqwest::Response {
-        self.client.post(format!("{}/v1/orders", self.http)).json(body).send().await.expect("request")
+        self.create_with_key(body, &fresh_key()).await
+    }
+
+    /// `POST /v1/orders` with a JSON body and the given Idempotency-Key.
+    pub async fn create_with_key(&self, body: &Value, key: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/orders", self.http))
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
     }
 
     /// Creates a valid order and returns its JSON.
@@ -237,6 +248,11 @@ pub async fn lock_order(database_url: &str, id: &str) -> PgConnection {
         .await
         .expect("lock");
     conn
+}
+
+/// A unique Idempotency-Key.
+pub fn fresh_key() -> String {
+    format!("test-{}", uuid::Uuid::now_v7())
 }
 
 /// A request body that passes every validation rule.

@@ -37,6 +37,7 @@ async fn the_relay_in_the_writing_process_is_woken_in_process() {
         .client
         .post(format!("{}/v1/orders", app.http))
         .header("traceparent", traceparent)
+        .header("idempotency-key", crate::support::fresh_key())
         .json(&crate::support::valid_order())
         .send()
         .await

@@ -1,0 +1,139 @@
+//! The REST side of Idempotency-Key: a middleware for the routes that take a key. It reads
+//! the body once (for the fingerprint), hands the scoped key to the handler for the
+//! database backstop, and stores or replays the response.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    extract::{MatchedPath, Request, State},
+    http::{HeaderName, HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+
+use super::{
+    Executed, Fingerprint, Idempotency, IdempotencyContext, IdempotencyKey, ScopedKey, StoredResponse,
+};
+use crate::error::{ApiError, Malformed};
+
+/// The request header carrying the key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The response header marking a replay.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Response headers kept with a stored response (the rest are recomputed).
+const STORED_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, header::RETRY_AFTER];
+
+/// What the middleware needs: the service and the body size limit.
+#[derive(Clone)]
+pub struct IdempotencyLayerState {
+    /// The idempotency service.
+    pub idempotency: Arc<Idempotency>,
+    /// Largest body read for fingerprinting (the REST body limit).
+    pub body_limit: usize,
+}
+
+/// Middleware for routes where the key is required (`POST /v1/orders`).
+pub async fn required(State(state): State<IdempotencyLayerState>, request: Request, next: Next) -> Response {
+    handle(state, true, request, next).await
+}
+
+/// Middleware for routes where the key is optional (`POST /v1/orders/{id}/cancel`).
+pub async fn optional(State(state): State<IdempotencyLayerState>, request: Request, next: Next) -> Response {
+    handle(state, false, request, next).await
+}
+
+async fn handle(state: IdempotencyLayerState, required: bool, request: Request, next: Next) -> Response {
+    let idem = &state.idempotency;
+    let key = match request.headers().get(IDEMPOTENCY_KEY) {
+        None if required => {
+            idem.count("missing");
+            return ApiError::IdempotencyKey("the Idempotency-Key header is required on this request".into())
+                .into_response();
+        }
+        None => return next.run(request).await,
+        Some(value) => {
+            match value.to_str().map_err(|_| ()).and_then(|v| IdempotencyKey::parse(v).map_err(|_| ())) {
+                Ok(key) => key,
+                Err(()) => {
+                    idem.count("malformed");
+                    return ApiError::IdempotencyKey(
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters, bare or in double quotes"
+                            .into(),
+                    )
+                    .into_response();
+                }
+            }
+        }
+    };
+    let identity = caller_identity(&request, &idem.settings().identity_header);
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let method = request.method().as_str().to_owned();
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, state.body_limit).await else {
+        let detail = "request body exceeds the configured limit".to_owned();
+        return ApiError::BadRequest { kind: Malformed::TooLarge, detail }.into_response();
+    };
+    let fingerprint = Fingerprint::of(&method, &route, &bytes);
+    let scoped = ScopedKey::new(&identity, &method, &route, &key);
+    let mut request = Request::from_parts(parts, Body::from(bytes));
+    let context = IdempotencyContext { key: scoped.clone(), fingerprint, ttl: idem.settings().ttl };
+    request.extensions_mut().insert(context);
+
+    let executed = idem
+        .execute(&scoped, &fingerprint, || async move {
+            let response = next.run(request).await;
+            // 5xx (unavailable, timeout, bug) is not an outcome the client should be held to.
+            let deterministic = !response.status().is_server_error();
+            (store(response).await, deterministic)
+        })
+        .await;
+    match executed {
+        Ok(Executed::Fresh(response)) => restore(response, false),
+        Ok(Executed::Replayed(response)) => restore(response, true),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The caller's identity from the configured trusted header, or `anonymous`.
+pub fn caller_identity(request: &Request, header_name: &str) -> String {
+    if header_name.is_empty() {
+        return "anonymous".to_owned();
+    }
+    request
+        .headers()
+        .get(header_name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or("anonymous")
+        .to_owned()
+}
+
+async fn store(response: Response) -> StoredResponse {
+    let (parts, body) = response.into_parts();
+    let headers = STORED_HEADERS
+        .iter()
+        .chain(std::iter::once(&HeaderName::from_static(IDEMPOTENT_REPLAYED)))
+        .filter_map(|name| {
+            parts.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| (name.to_string(), v.to_owned()))
+        })
+        .collect();
+    let body = axum::body::to_bytes(body, usize::MAX).await.map(|b| b.to_vec()).unwrap_or_default();
+    StoredResponse { status: parts.status.as_u16(), headers, body }
+}
+
+fn restore(stored: StoredResponse, replayed: bool) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, stored.body).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in stored.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    }
+    if replayed {
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}

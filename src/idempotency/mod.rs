@@ -1,0 +1,306 @@
+//! `Idempotency-Key` (IETF httpapi draft, Stripe semantics) for REST and gRPC.
+//!
+//! A request with a key runs at most once per scope: the caller's identity, the method and
+//! the route template. Its fingerprint (SHA-256 of method, route and body) must match on
+//! retries. The fast path is a [`KeyStore`] (Redis, or memory in the embedded default): an
+//! in-flight marker taken with `SET NX` and a short TTL, then the completed response for
+//! `APP_IDEMPOTENCY__TTL_MS`. PostgreSQL is the backstop: a created order keeps the scoped
+//! key and fingerprint under a unique index, so a lost or unreachable key store still
+//! yields exactly one order.
+//!
+//! | situation | REST | gRPC |
+//! |---|---|---|
+//! | key missing (where required) or malformed | 400 | INVALID_ARGUMENT |
+//! | same key, same fingerprint, completed | original response + `Idempotent-Replayed: true` | same, metadata `idempotent-replayed: true` |
+//! | same key, different fingerprint | 422 | FAILED_PRECONDITION |
+//! | same key still in flight | 409 + `Retry-After` | ABORTED |
+//!
+//! Outcomes that are not deterministic (5xx, timeouts, unavailable dependencies) release the
+//! key so the client can retry; successes and 4xx are stored.
+
+pub mod http;
+mod memory;
+mod redis;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use memory::MemoryKeyStore;
+pub use redis::RedisKeyStore;
+
+use crate::{error::ApiError, metrics::Metrics};
+
+/// A validated key: 1–255 visible ASCII characters, from a bare token or the draft's
+/// quoted string form (`"abc"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Parses the header or metadata value.
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        let raw = raw.trim();
+        let key = raw.strip_prefix('"').and_then(|k| k.strip_suffix('"')).unwrap_or(raw);
+        if !(1..=255).contains(&key.len())
+            || !key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+            || key.contains('"')
+        {
+            return Err(ApiError::IdempotencyKey(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters, bare or in double quotes".into(),
+            ));
+        }
+        Ok(Self(key.to_owned()))
+    }
+}
+
+/// SHA-256 over what makes two requests "the same".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint of a request: method, route template and body bytes.
+    pub fn of(method: &str, route: &str, body: &[u8]) -> Self {
+        let mut hash = Sha256::new();
+        for part in [method.as_bytes(), b"\n", route.as_bytes(), b"\n", body] {
+            hash.update(part);
+        }
+        Self(hash.finalize().into())
+    }
+
+    /// Lower-case hex.
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key as scoped to one caller, method and route; what the stores index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopedKey(String);
+
+impl ScopedKey {
+    /// Hashes identity, method, route and key together (bounded length, no injection).
+    pub fn new(identity: &str, method: &str, route: &str, key: &IdempotencyKey) -> Self {
+        let mut hash = Sha256::new();
+        for part in [identity, "\n", method, "\n", route, "\n", &key.0] {
+            hash.update(part.as_bytes());
+        }
+        Self(hex(&hash.finalize()))
+    }
+
+    /// The 64-character hex form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What the use-case needs for the PostgreSQL backstop.
+#[derive(Debug, Clone)]
+pub struct IdempotencyContext {
+    /// The scoped key.
+    pub key: ScopedKey,
+    /// The request's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// How long the key stays bound to this request.
+    pub ttl: Duration,
+}
+
+/// A response as stored for replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// HTTP status, or the gRPC code for gRPC responses.
+    pub status: u16,
+    /// Selected headers (REST) or metadata (gRPC).
+    pub headers: Vec<(String, String)>,
+    /// Body (REST) or the encoded message / status details (gRPC).
+    pub body: Vec<u8>,
+}
+
+/// The fast-path store's answer when a request starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// This request holds the key; `token` releases it.
+    Acquired {
+        /// Proves ownership of the in-flight marker.
+        token: String,
+    },
+    /// Another request with this key and fingerprint is running.
+    InFlight,
+    /// Done before: replay this.
+    Completed(StoredResponse),
+    /// The key was used with a different request.
+    Mismatch,
+}
+
+/// The fast-path key store port: Redis, or memory for the embedded default.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Takes the in-flight marker (`SET NX` with `lock_ttl`) or reports what is there.
+    async fn begin(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> anyhow::Result<Begin>;
+    /// Stores the completed response for `ttl`.
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> anyhow::Result<()>;
+    /// Removes the in-flight marker if `token` still owns it.
+    async fn release(&self, key: &ScopedKey, token: &str) -> anyhow::Result<()>;
+}
+
+/// Idempotency settings.
+#[derive(Debug, Clone)]
+pub struct IdempotencySettings {
+    /// How long a completed response is replayed (and the key bound).
+    pub ttl: Duration,
+    /// How long an in-flight marker lives if its request never finishes.
+    pub lock_ttl: Duration,
+    /// Trusted header naming the caller (e.g. a mesh identity header); empty = anonymous.
+    pub identity_header: String,
+}
+
+/// How a request ran.
+#[derive(Debug)]
+pub enum Executed {
+    /// It ran now.
+    Fresh(StoredResponse),
+    /// An earlier run's response.
+    Replayed(StoredResponse),
+}
+
+/// The idempotency service shared by the REST middleware and the gRPC handler.
+pub struct Idempotency {
+    store: Arc<dyn KeyStore>,
+    settings: IdempotencySettings,
+    metrics: Arc<Metrics>,
+}
+
+impl Idempotency {
+    /// Builds the service.
+    pub fn new(store: Arc<dyn KeyStore>, settings: IdempotencySettings, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self { store, settings, metrics })
+    }
+
+    /// Settings in force.
+    pub fn settings(&self) -> &IdempotencySettings {
+        &self.settings
+    }
+
+    /// Counts an outcome (`new`, `replayed`, `conflict`, `mismatch`, `missing`, `malformed`, `store_error`).
+    pub fn count(&self, outcome: &str) {
+        self.metrics.idempotency_outcomes.with_label_values(&[outcome]).inc();
+    }
+
+    /// Runs `op` unless the key says otherwise. `op` returns the response and whether it
+    /// is deterministic (stored) or not (the key is released for a retry). If the key
+    /// store is unreachable, `op` runs anyway: the PostgreSQL backstop keeps creates
+    /// exactly-once.
+    pub async fn execute<F, Fut>(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        op: F,
+    ) -> Result<Executed, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = (StoredResponse, bool)>,
+    {
+        let token = match self.store.begin(key, fingerprint, self.settings.lock_ttl).await {
+            Ok(Begin::Acquired { token }) => Some(token),
+            Ok(Begin::InFlight) => {
+                self.count("conflict");
+                return Err(ApiError::IdempotencyInFlight);
+            }
+            Ok(Begin::Mismatch) => {
+                self.count("mismatch");
+                return Err(ApiError::IdempotencyMismatch);
+            }
+            Ok(Begin::Completed(response)) => {
+                self.count("replayed");
+                return Ok(Executed::Replayed(response));
+            }
+            Err(e) => {
+                self.count("store_error");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "idempotency key store unavailable; relying on the database"
+                );
+                None
+            }
+        };
+        let (response, deterministic) = op().await;
+        if let Some(token) = token {
+            let stored = if deterministic {
+                self.store.complete(key, fingerprint, &response, self.settings.ttl).await
+            } else {
+                self.store.release(key, &token).await
+            };
+            if let Err(e) = stored {
+                self.count("store_error");
+                tracing::warn!(error = format!("{e:#}"), "could not record the idempotent response");
+            }
+        }
+        self.count("new");
+        Ok(Executed::Fresh(response))
+    }
+}
+
+/// The in-flight marker / completed record as both stores keep it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Record {
+    InFlight { fingerprint: String, token: String },
+    Done { fingerprint: String, response: StoredResponse },
+}
+
+impl Record {
+    /// What a request with `fingerprint` should do given this existing record.
+    fn begin_outcome(&self, fingerprint: &Fingerprint) -> Begin {
+        let matches = |fp: &str| fp == fingerprint.hex();
+        match self {
+            Record::InFlight { fingerprint, .. } if matches(fingerprint) => Begin::InFlight,
+            Record::Done { fingerprint, response } if matches(fingerprint) => {
+                Begin::Completed(response.clone())
+            }
+            _ => Begin::Mismatch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_accept_bare_and_quoted_forms_within_limits() {
+        assert_eq!(IdempotencyKey::parse("abc-123").expect("bare"), IdempotencyKey("abc-123".into()));
+        assert_eq!(IdempotencyKey::parse("\"abc\"").expect("quoted"), IdempotencyKey("abc".into()));
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
+        assert!(IdempotencyKey::parse("").is_err());
+        assert!(IdempotencyKey::parse("\"\"").is_err());
+        assert!(IdempotencyKey::parse("has space").is_err());
+        assert!(IdempotencyKey::parse("ünï").is_err());
+    }
+
+    #[test]
+    fn scope_and_fingerprint_separate_what_they_should() {
+        let key = IdempotencyKey::parse("k").expect("key");
+        let a = ScopedKey::new("alice", "POST", "/v1/orders", &key);
+        assert_ne!(a, ScopedKey::new("bob", "POST", "/v1/orders", &key));
+        assert_ne!(a, ScopedKey::new("alice", "POST", "/v1/orders/{id}/cancel", &key));
+        assert_eq!(a.as_str().len(), 64);
+        assert_ne!(Fingerprint::of("POST", "/r", b"{}"), Fingerprint::of("POST", "/r", b"{ }"));
+    }
+}
