@@ -239,8 +239,15 @@ impl Idempotency {
                 None
             }
         };
+        // If this future is dropped mid-way (request deadline, client gone), the guard
+        // releases the key: the work was abandoned, so a retry must be allowed to run.
+        let mut guard = token.map(|token| ReleaseOnDrop {
+            store: self.store.clone(),
+            key: key.clone(),
+            token: Some(token),
+        });
         let (response, deterministic) = op().await;
-        if let Some(token) = token {
+        if let Some(token) = guard.as_mut().and_then(|g| g.token.take()) {
             let stored = if deterministic {
                 self.store.complete(key, fingerprint, &response, self.settings.ttl).await
             } else {
@@ -253,6 +260,32 @@ impl Idempotency {
         }
         self.count("new");
         Ok(Executed::Fresh(response))
+    }
+}
+
+/// Releases an in-flight marker whose request was abandoned before it finished.
+struct ReleaseOnDrop {
+    store: Arc<dyn KeyStore>,
+    key: ScopedKey,
+    /// `None` once the request finished and recorded its outcome.
+    token: Option<String>,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            let (store, key) = (self.store.clone(), self.key.clone());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = store.release(&key, &token).await {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "could not release an abandoned idempotency key"
+                        );
+                    }
+                });
+            }
+        }
     }
 }
 

@@ -163,12 +163,22 @@ async fn the_clients_grpc_timeout_is_honoured() {
     let mut client = app.grpc().await;
     let created =
         client.create_order(keyed(valid_request())).await.expect("create").into_inner().order.expect("order");
-    let _lock = app.lock_order(&created.id).await;
+    let lock = app.lock_order(&created.id).await;
     let mut request = tonic::Request::new(CancelOrderRequest { id: created.id.clone() });
-    request.set_timeout(std::time::Duration::from_millis(200));
-    let err = client.cancel_order(request).await.expect_err("deadline");
+    let deadline = std::time::Duration::from_millis(200);
+    request.set_timeout(deadline);
+    let mut cancelling = client.clone();
+    let call = tokio::spawn(async move { cancelling.cancel_order(request).await });
+    // The server handler is running (blocked on the row lock), so it received the request
+    // by now and its own grpc-timeout deadline ends within `deadline` from here.
+    crate::support::until_blocked_on_lock(&app.database_url).await;
+    let server_deadline = tokio::time::Instant::now() + deadline;
+    let err = call.await.expect("task").expect_err("deadline");
     assert_eq!(err.code(), Code::Cancelled, "{err:?}");
-    drop(_lock);
+    // The client enforces the deadline too and may give up first: release the lock only
+    // once the server's deadline has provably passed as well.
+    tokio::time::sleep_until(server_deadline + std::time::Duration::from_millis(50)).await;
+    drop(lock);
     let stored = client.get_order(GetOrderRequest { id: created.id }).await.expect("get").into_inner();
     assert_eq!(stored.order.expect("order").status(), OrderStatus::Pending, "rolled back");
 }

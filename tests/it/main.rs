@@ -7,6 +7,7 @@
 
 mod grpc;
 mod health;
+mod idempotency;
 mod inbox;
 mod kafka;
 mod openapi;

@@ -8,9 +8,8 @@ use std::{
 };
 
 use serde_json::Value;
-use sqlx::PgPool;
 
-use crate::support::{eventually, fresh_postgres, lock_order, valid_order};
+use crate::support::{eventually, fresh_postgres, lock_order, until_blocked_on_lock, valid_order};
 
 /// Starts `orders-service` with JSON logs on port 0 and reads its addresses from the
 /// "listening" log line.
@@ -61,20 +60,7 @@ async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero() {
         let url = format!("http://{http}/v1/orders/{id}/cancel");
         async move { client.post(url).send().await }
     });
-    let observer = PgPool::connect(&database_url).await.expect("connect");
-    eventually(Duration::from_secs(10), "the cancel to wait on the row lock", || {
-        let observer = observer.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&observer)
-            .await
-            .expect("pg_stat_activity");
-            waiting == 1
-        }
-    })
-    .await;
+    until_blocked_on_lock(&database_url).await;
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());

@@ -250,6 +250,25 @@ pub async fn lock_order(database_url: &str, id: &str) -> PgConnection {
     conn
 }
 
+/// Waits until one session of `database_url` waits on a lock: a request is provably stuck
+/// behind [`lock_order`] (or a table lock).
+pub async fn until_blocked_on_lock(database_url: &str) {
+    let observer = sqlx::PgPool::connect(database_url).await.expect("connect");
+    eventually(Duration::from_secs(10), "a request to wait on the lock", || {
+        let observer = observer.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&observer)
+            .await
+            .expect("pg_stat_activity");
+            waiting == 1
+        }
+    })
+    .await;
+}
+
 /// A unique Idempotency-Key.
 pub fn fresh_key() -> String {
     format!("test-{}", uuid::Uuid::now_v7())
