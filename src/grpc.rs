@@ -28,8 +28,10 @@ pub struct GrpcOrders {
     idempotency: Arc<Idempotency>,
 }
 
-/// gRPC method path of CreateOrder, the route its idempotency keys are scoped to.
+/// gRPC method paths: the routes idempotency keys are scoped to.
 const CREATE_ORDER: &str = "/orders.v1.OrderService/CreateOrder";
+/// See [`CREATE_ORDER`].
+const CANCEL_ORDER: &str = "/orders.v1.OrderService/CancelOrder";
 
 impl GrpcOrders {
     /// Wraps the use-cases in a tonic server, with the message size limit applied.
@@ -50,37 +52,7 @@ impl OrderService for GrpcOrders {
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
-        let idem = &self.idempotency;
-        let key = match request.metadata().get(IDEMPOTENCY_KEY).map(|v| v.to_str()) {
-            None => {
-                idem.count("missing");
-                return Err(ApiError::IdempotencyKey("metadata idempotency-key is required".into()).into());
-            }
-            Some(raw) => match raw.map_err(|_| ()).and_then(|v| IdempotencyKey::parse(v).map_err(|_| ())) {
-                Ok(key) => key,
-                Err(()) => {
-                    idem.count("malformed");
-                    let detail = "idempotency-key must be 1 to 255 visible ASCII characters, bare or quoted";
-                    return Err(ApiError::IdempotencyKey(detail.into()).into());
-                }
-            },
-        };
-        let identity = metadata_identity(request.metadata(), &idem.settings().identity_header);
-        let fingerprint = Fingerprint::of("grpc", CREATE_ORDER, &request.get_ref().encode_to_vec());
-        let scoped = ScopedKey::new(&identity, "grpc", CREATE_ORDER, &key);
-        let context = IdempotencyContext { key: scoped.clone(), fingerprint, ttl: idem.settings().ttl };
-        let executed = idem
-            .execute(&scoped, &fingerprint, || async {
-                let result = self.create(request, &context).await;
-                stored(result)
-            })
-            .await
-            .map_err(Status::from)?;
-        let (stored, replayed) = match executed {
-            Executed::Fresh(stored) => (stored, false),
-            Executed::Replayed(stored) => (stored, true),
-        };
-        restore(stored, replayed)
+        self.idempotent(request, CREATE_ORDER, true, |request, context| self.create(request, context)).await
     }
 
     async fn get_order(
@@ -112,19 +84,74 @@ impl OrderService for GrpcOrders {
         &self,
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
-        let trace = trace_context(request.metadata());
-        let id = OrderId::parse("id", &request.into_inner().id).map_err(ApiError::from)?;
-        let order = self.orders.cancel(id, &trace).await?;
-        Ok(Response::new(pb::CancelOrderResponse { order: Some(to_pb(order)) }))
+        self.idempotent(request, CANCEL_ORDER, false, |request, _| self.cancel(request)).await
     }
 }
 
 impl GrpcOrders {
+    /// Runs a unary call under the Idempotency-Key rules (metadata `idempotency-key`,
+    /// required or optional): replays, conflicts and mismatches are answered here; `op`
+    /// runs at most once per key and returns the response and whether the database
+    /// backstop replayed it.
+    async fn idempotent<Req, Res, F, Fut>(
+        &self,
+        request: Request<Req>,
+        route: &'static str,
+        required: bool,
+        op: F,
+    ) -> Result<Response<Res>, Status>
+    where
+        Req: Message,
+        Res: Message + Default,
+        F: FnOnce(Request<Req>, Option<IdempotencyContext>) -> Fut,
+        Fut: Future<Output = Result<(Res, bool), ApiError>>,
+    {
+        let idem = &self.idempotency;
+        let key = match request.metadata().get(IDEMPOTENCY_KEY).map(|v| v.to_str()) {
+            None if required => {
+                idem.count("missing");
+                return Err(ApiError::IdempotencyKey("metadata idempotency-key is required".into()).into());
+            }
+            None => return Ok(Response::new(op(request, None).await?.0)),
+            Some(raw) => match raw.map_err(|_| ()).and_then(|v| IdempotencyKey::parse(v).map_err(|_| ())) {
+                Ok(key) => key,
+                Err(()) => {
+                    idem.count("malformed");
+                    let detail = "idempotency-key must be 1 to 255 visible ASCII characters, bare or quoted";
+                    return Err(ApiError::IdempotencyKey(detail.into()).into());
+                }
+            },
+        };
+        let identity = metadata_identity(request.metadata(), &idem.settings().identity_header);
+        let fingerprint = Fingerprint::of("grpc", route, &request.get_ref().encode_to_vec());
+        let scoped = ScopedKey::new(&identity, "grpc", route, &key);
+        let context = IdempotencyContext { key: scoped.clone(), fingerprint, ttl: idem.settings().ttl };
+        let executed = idem
+            .execute(&scoped, &fingerprint, || async { stored(op(request, Some(context)).await) })
+            .await
+            .map_err(Status::from)?;
+        match executed {
+            Executed::Fresh(stored) => restore(stored, false),
+            Executed::Replayed(stored) => restore(stored, true),
+        }
+    }
+
+    /// CancelOrder proper.
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<(pb::CancelOrderResponse, bool), ApiError> {
+        let trace = trace_context(request.metadata());
+        let id = OrderId::parse("id", &request.into_inner().id)?;
+        let order = self.orders.cancel(id, &trace).await?;
+        Ok((pb::CancelOrderResponse { order: Some(to_pb(order)) }, false))
+    }
+
     /// CreateOrder proper: validate, then the use-case with the backstop context.
     async fn create(
         &self,
         request: Request<pb::CreateOrderRequest>,
-        context: &IdempotencyContext,
+        context: Option<IdempotencyContext>,
     ) -> Result<(pb::CreateOrderResponse, bool), ApiError> {
         let trace = trace_context(request.metadata());
         let r = request.into_inner();
@@ -143,14 +170,14 @@ impl GrpcOrders {
             note: r.note,
         };
         let new = NewOrder::parse(draft)?;
-        let created = self.orders.create(new, &trace, Some(context)).await?;
+        let created = self.orders.create(new, &trace, context.as_ref()).await?;
         Ok((pb::CreateOrderResponse { order: Some(to_pb(created.order)) }, created.replayed))
     }
 }
 
-/// A CreateOrder outcome as stored for replay: code 0 with the encoded response, or the
-/// error's code, message and details. Only deterministic outcomes are kept.
-fn stored(result: Result<(pb::CreateOrderResponse, bool), ApiError>) -> (StoredResponse, bool) {
+/// A unary outcome as stored for replay: code 0 with the encoded response, or the error's
+/// code, message and details. Only deterministic outcomes are kept.
+fn stored<Res: Message>(result: Result<(Res, bool), ApiError>) -> (StoredResponse, bool) {
     match result {
         Ok((response, replayed)) => {
             let headers =
@@ -170,7 +197,7 @@ fn stored(result: Result<(pb::CreateOrderResponse, bool), ApiError>) -> (StoredR
 }
 
 /// Rebuilds the gRPC response (or status) from a stored outcome.
-fn restore(stored: StoredResponse, replayed: bool) -> Result<Response<pb::CreateOrderResponse>, Status> {
+fn restore<Res: Message + Default>(stored: StoredResponse, replayed: bool) -> Result<Response<Res>, Status> {
     let replayed = replayed || stored.headers.iter().any(|(k, _)| k == IDEMPOTENT_REPLAYED);
     if stored.status != 0 {
         let message = stored
@@ -181,7 +208,7 @@ fn restore(stored: StoredResponse, replayed: bool) -> Result<Response<pb::Create
             .unwrap_or_default();
         return Err(Status::with_details(Code::from(i32::from(stored.status)), message, stored.body.into()));
     }
-    let message = pb::CreateOrderResponse::decode(stored.body.as_slice())
+    let message = Res::decode(stored.body.as_slice())
         .map_err(|e| Status::internal(format!("corrupt stored response: {e}")))?;
     let mut response = Response::new(message);
     if replayed {

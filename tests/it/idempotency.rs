@@ -295,4 +295,19 @@ async fn the_same_rules_hold_over_grpc() {
     sqlx::query("COMMIT").execute(&mut locker).await.expect("unlock");
     blocked.await.expect("task").expect("the held create completes");
     assert_eq!(count(&app, "orders").await, 3);
+
+    // CancelOrder takes an optional key: a retried cancel replays instead of FAILED_PRECONDITION.
+    let cancel = |key: &str| {
+        let mut request =
+            tonic::Request::new(orders_service::pb::orders::v1::CancelOrderRequest { id: first.id.clone() });
+        request.metadata_mut().insert("idempotency-key", key.parse().expect("ascii"));
+        request
+    };
+    let cancelled = client.cancel_order(cancel("c-1")).await.expect("cancel");
+    assert!(cancelled.metadata().get("idempotent-replayed").is_none());
+    let retried = client.cancel_order(cancel("c-1")).await.expect("replayed cancel");
+    assert_eq!(retried.metadata().get("idempotent-replayed").and_then(|v| v.to_str().ok()), Some("true"));
+    assert_eq!(retried.into_inner(), cancelled.into_inner());
+    let fresh_key = client.cancel_order(cancel("c-2")).await.expect_err("a new key really cancels again");
+    assert_eq!(fresh_key.code(), Code::FailedPrecondition);
 }
