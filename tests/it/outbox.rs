@@ -472,55 +472,25 @@ async fn two_relays_split_partitions_evenly_never_overlap_and_fail_over() {
     assert_eq!(keys, expected, "all events delivered");
 }
 
-mod postgres_kafka {
-    use super::*;
-
-    #[tokio::test]
-    async fn events_are_complete_ordered_and_well_formed() {
-        super::events_are_complete_ordered_and_well_formed(Backend::Postgres, Sink::kafka().await).await;
-    }
-    #[tokio::test]
-    async fn a_relay_that_dies_before_deleting_is_followed_by_a_republish() {
-        super::a_relay_that_dies_before_deleting_is_followed_by_a_republish(
-            Backend::Postgres,
-            Sink::kafka().await,
-        )
-        .await;
-    }
-    #[tokio::test]
-    async fn a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it() {
-        super::a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it(
-            Backend::Postgres,
-            Sink::kafka().await,
-        )
-        .await;
-    }
+/// Instantiates each scenario for PostgreSQL + Kafka and for SQLite + the in-process bus.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod postgres_kafka {
+            use super::*;
+            $(#[tokio::test] async fn $case() { super::$case(Backend::Postgres, Sink::kafka().await).await })*
+        }
+        mod sqlite_bus {
+            use super::*;
+            $(#[tokio::test] async fn $case() { super::$case(Backend::Sqlite, Sink::bus(1_000_000)).await })*
+        }
+    };
 }
 
-mod sqlite_bus {
-    use super::*;
-
-    #[tokio::test]
-    async fn events_are_complete_ordered_and_well_formed() {
-        super::events_are_complete_ordered_and_well_formed(Backend::Sqlite, Sink::bus(1_000_000)).await;
-    }
-    #[tokio::test]
-    async fn a_relay_that_dies_before_deleting_is_followed_by_a_republish() {
-        super::a_relay_that_dies_before_deleting_is_followed_by_a_republish(
-            Backend::Sqlite,
-            Sink::bus(1_000_000),
-        )
-        .await;
-    }
-    #[tokio::test]
-    async fn a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it() {
-        super::a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it(
-            Backend::Sqlite,
-            Sink::bus(1_000_000),
-        )
-        .await;
-    }
-}
+on_both_backends!(
+    events_are_complete_ordered_and_well_formed,
+    a_relay_that_dies_before_deleting_is_followed_by_a_republish,
+    a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it,
+);
 
 #[tokio::test]
 async fn embedded_mode_publishes_to_the_bus_and_operators_manage_dead_letters() {
