@@ -247,21 +247,47 @@ where
         } else {
             "unknown".into()
         };
-        let metrics = self.metrics.clone();
-        let start = Instant::now();
+        // Dropped before completing means tonic's deadline (grpc-timeout) cut the call short:
+        // the guard records it as CANCELLED (1), the code the client receives.
+        let mut record =
+            Recorder { metrics: self.metrics.clone(), method, start: Instant::now(), code: None };
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = future.await;
             // Unary errors are "trailers-only" responses with grpc-status in the headers;
             // a response without it carries status 0 (OK) in its trailers.
-            let code = match &result {
-                Ok(response) => response.headers().get("grpc-status").map_or("0", grpc_code).to_owned(),
-                Err(_) => "transport_error".to_owned(),
-            };
-            metrics.grpc_duration.with_label_values(&[&method]).observe(start.elapsed().as_secs_f64());
-            metrics.grpc_requests.with_label_values(&[&method, &code]).inc();
+            record.completed(match &result {
+                Ok(response) => response.headers().get("grpc-status").map_or("0", grpc_code),
+                Err(_) => "transport_error",
+            });
             result
         })
+    }
+}
+
+/// Records one gRPC call when dropped, whether it completed or was cut short.
+struct Recorder {
+    metrics: Arc<Metrics>,
+    method: String,
+    start: Instant,
+    /// The status code, once the call completed.
+    code: Option<String>,
+}
+
+impl Recorder {
+    fn completed(&mut self, code: &str) {
+        self.code = Some(code.to_owned());
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let code = self.code.as_deref().unwrap_or("1");
+        self.metrics
+            .grpc_duration
+            .with_label_values(&[&self.method])
+            .observe(self.start.elapsed().as_secs_f64());
+        self.metrics.grpc_requests.with_label_values(&[&self.method, code]).inc();
     }
 }
 

@@ -181,4 +181,9 @@ async fn the_clients_grpc_timeout_is_honoured() {
     drop(lock);
     let stored = client.get_order(GetOrderRequest { id: created.id }).await.expect("get").into_inner();
     assert_eq!(stored.order.expect("order").status(), OrderStatus::Pending, "rolled back");
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"grpc_requests_total{code="1",method="/orders.v1.OrderService/CancelOrder"} 1"#),
+        "calls cut short by their deadline are counted: {metrics}"
+    );
 }
