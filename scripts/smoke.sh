@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves the first README command: `cargo run` with no APP_* configuration starts the
 # service on its embedded defaults (SQLite, 127.0.0.1:8080/50051/9090), answers /healthz and
-# /readyz, round-trips an order, and exits 0 on SIGTERM. Runs from a temporary directory so
+# /readyz, round-trips an order, serves a client generated from openapi.yaml, and exits 0
+# on SIGTERM. Runs from a temporary directory so
 # the SQLite file lands there; stops the service by its recorded PID.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -35,6 +36,11 @@ fetched="$(curl -fsS "http://127.0.0.1:8080/v1/orders/$id")"
 printf '%s' "$fetched" | python3 -c 'import json,sys; o=json.load(sys.stdin); assert o["total_minor"]==1000 and o["status"]=="PENDING", o'
 curl -fsS http://127.0.0.1:9090/metrics | grep -q '^http_requests_total' || die "/metrics has no request counter"
 [ -f "$work/data/orders.db" ] || die "the SQLite file was not created under ./data"
+
+# REST clients are generated from openapi.yaml: generate one and use it against this server.
+PATH="$ORDERS_CACHE/venv/bin:$PATH" openapi-python-client generate --path "$ROOT/openapi.yaml" --meta none \
+  --output-path "$work/orders_client" >/dev/null
+PYTHONPATH="$work" "$ORDERS_CACHE/venv/bin/python" "$ROOT/scripts/client_check.py" http://127.0.0.1:8080
 
 kill -TERM "$pid"
 status=0; wait "$pid" || status=$?

