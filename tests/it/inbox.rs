@@ -474,9 +474,7 @@ async fn embedded_mode_consumes_injected_events_from_the_bus() {
         "{metrics}"
     );
     eventually(Duration::from_secs(10), "OrderPaid on the bus", || async {
-        let url = format!("{}/admin/bus/orders.events", app.admin);
-        let published: serde_json::Value =
-            app.client.get(url).send().await.expect("bus").json().await.expect("json");
+        let published = app.admin_json("/admin/bus/orders.events").await;
         published
             .as_array()
             .expect("records")

@@ -511,40 +511,16 @@ async fn embedded_mode_publishes_to_the_bus_and_operators_manage_dead_letters() 
 
     let admin = |path: &str| format!("{}{path}", app.admin);
     eventually(Duration::from_secs(10), "the big event to be dead-lettered", || async {
-        let dead: serde_json::Value = app
-            .client
-            .get(admin("/admin/outbox/dead-letters"))
-            .send()
-            .await
-            .expect("list")
-            .json()
-            .await
-            .expect("json");
+        let dead = app.admin_json("/admin/outbox/dead-letters").await;
         dead.as_array().is_some_and(|d| d.len() == 1 && d[0]["aggregate_id"] == big)
     })
     .await;
-    let bus: serde_json::Value = app
-        .client
-        .get(admin("/admin/bus/orders.events"))
-        .send()
-        .await
-        .expect("bus")
-        .json()
-        .await
-        .expect("json");
+    let bus = app.admin_json("/admin/bus/orders.events").await;
     let keys: Vec<&str> = bus.as_array().expect("records").iter().filter_map(|r| r["key"].as_str()).collect();
     assert_eq!(keys, [small.as_str()], "the small order's event went through the in-process bus");
     assert_eq!(bus[0]["value"]["orderId"], small.as_str(), "proto3 JSON uses lowerCamelCase names");
 
-    let dead: serde_json::Value = app
-        .client
-        .get(admin("/admin/outbox/dead-letters"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let dead = app.admin_json("/admin/outbox/dead-letters").await;
     let seq = dead[0]["seq"].as_i64().expect("seq");
     let replay = app
         .client

@@ -219,6 +219,12 @@ impl TestApp {
         lock_order(&self.database_url, id).await
     }
 
+    /// `GET` a JSON document from the admin listener.
+    pub async fn admin_json(&self, path: &str) -> Value {
+        let response = self.client.get(format!("{}{path}", self.admin)).send().await.expect("admin request");
+        response.json().await.expect("admin json")
+    }
+
     /// The admin `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.client
