@@ -76,10 +76,18 @@ fn inbox(pipeline: &Pipeline, store: Arc<dyn Store>, topics: &Topics, retention:
 
 /// Starts the Kafka runner; cancel the token to stop it.
 fn consume(inbox: Arc<Inbox>, metrics: Arc<orders_service::metrics::Metrics>) -> CancellationToken {
+    consume_joinable(inbox, metrics).0
+}
+
+/// Like [`consume`], with the runner's handle to await its graceful stop.
+fn consume_joinable(
+    inbox: Arc<Inbox>,
+    metrics: Arc<orders_service::metrics::Metrics>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
     let runner = KafkaInbox::new(&kafka::settings(&kafka::brokers()), inbox, metrics).expect("consumer");
-    tokio::spawn(runner.run(stop.clone()));
-    stop
+    let handle = tokio::spawn(runner.run(stop.clone()));
+    (stop, handle)
 }
 
 fn event(topic: &str, ce_type: &str, id: &str, key: &str, data: serde_json::Value) -> OutboundMessage {
@@ -482,4 +490,41 @@ async fn embedded_mode_consumes_injected_events_from_the_bus() {
             .any(|r| r["headers"]["ce_type"] == "orders.events.v1.OrderPaid")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_graceful_stop_commits_offsets_so_a_successor_does_not_redeliver() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let mut orders = Vec::new();
+    for _ in 0..4 {
+        orders.push(pipeline.create(1).await);
+    }
+    produce(
+        orders[..3]
+            .iter()
+            .enumerate()
+            .map(|(i, o)| payment_captured(&topics.payments, &format!("g{i}"), o))
+            .collect(),
+    )
+    .await;
+    let inbox = inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600));
+    let (stop, runner) = consume_joinable(inbox.clone(), pipeline.metrics.clone());
+    eventually(Duration::from_secs(30), "three applied", || async {
+        count(&pipeline, &topics.payments, "applied") == 3
+    })
+    .await;
+    stop.cancel();
+    runner.await.expect("the runner stops cleanly");
+
+    // A successor in the same group starts after the committed offsets.
+    let (stop, runner) = consume_joinable(inbox, pipeline.metrics.clone());
+    produce(vec![payment_captured(&topics.payments, "g3", &orders[3])]).await;
+    eventually(Duration::from_secs(30), "the fourth applied", || async {
+        count(&pipeline, &topics.payments, "applied") == 4
+    })
+    .await;
+    stop.cancel();
+    runner.await.expect("stops");
+    assert_eq!(count(&pipeline, &topics.payments, "duplicate"), 0, "nothing was redelivered");
 }
