@@ -13,7 +13,7 @@ use tonic_health::{pb::health_server::HealthServer, server::HealthReporter, serv
 use crate::{
     admin::{self, AdminState},
     config::Settings,
-    grpc::GrpcOrders,
+    grpc::{self, GrpcOrders},
     health::Readiness,
     http::{self, AppState, Limits},
     idempotency::{Idempotency, KeyStore, MemoryKeyStore, RedisKeyStore, http::IdempotencyLayerState},
@@ -227,6 +227,7 @@ impl App {
         let grpc_server = Server::builder()
             .timeout(settings.http.request_timeout)
             .layer(GrpcMetricsLayer(metrics.clone()))
+            .layer(tower::util::MapResponseLayer::new(grpc::replayed_trailers::<tonic::body::Body>))
             .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
             .add_service(reflection().build_v1()?)
             // grpcurl before 1.9 and many other tools only speak v1alpha.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use prost_types::Timestamp;
-use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     domain::{LineItemDraft, ListQuery, NewOrder, Order, OrderDraft, OrderId, OrderStatus},
@@ -212,9 +212,58 @@ fn restore<Res: Message + Default>(stored: StoredResponse, replayed: bool) -> Re
         .map_err(|e| Status::internal(format!("corrupt stored response: {e}")))?;
     let mut response = Response::new(message);
     if replayed {
-        response.metadata_mut().insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static("true"));
+        response.extensions_mut().insert(Replayed);
     }
     Ok(response)
+}
+
+/// Marks a response as a replay; [`replayed_trailers`] turns it into trailing metadata.
+#[derive(Debug, Clone, Copy)]
+struct Replayed;
+
+/// Response mapper for the gRPC server: a replayed response carries
+/// `idempotent-replayed: true` in its trailers (trailing metadata), after the message, as
+/// the key's outcome is only final once the call completed.
+pub fn replayed_trailers<B>(response: http::Response<B>) -> http::Response<ReplayedTrailers<B>> {
+    let add = response.extensions().get::<Replayed>().is_some();
+    response.map(|inner| ReplayedTrailers { inner, add })
+}
+
+/// A response body that appends `idempotent-replayed: true` to the trailers when asked.
+pub struct ReplayedTrailers<B> {
+    inner: B,
+    add: bool,
+}
+
+impl<B> http_body::Body for ReplayedTrailers<B>
+where
+    B: http_body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let add = self.add;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) if add && frame.is_trailers() => {
+                let mut trailers = frame.into_trailers().unwrap_or_default();
+                trailers.insert(IDEMPOTENT_REPLAYED, http::HeaderValue::from_static("true"));
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The caller's identity from the configured trusted metadata key, or `anonymous`.

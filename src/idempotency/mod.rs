@@ -11,7 +11,7 @@
 //! | situation | REST | gRPC |
 //! |---|---|---|
 //! | key missing (where required) or malformed | 400 | INVALID_ARGUMENT |
-//! | same key, same fingerprint, completed | original response + `Idempotent-Replayed: true` | same, metadata `idempotent-replayed: true` |
+//! | same key, same fingerprint, completed | original response + `Idempotent-Replayed: true` | same, trailing metadata `idempotent-replayed: true` |
 //! | same key, different fingerprint | 422 | FAILED_PRECONDITION |
 //! | same key still in flight | 409 + `Retry-After` | ABORTED |
 //!
