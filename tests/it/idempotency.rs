@@ -311,3 +311,34 @@ async fn the_same_rules_hold_over_grpc() {
     let fresh_key = client.cancel_order(cancel("c-2")).await.expect_err("a new key really cancels again");
     assert_eq!(fresh_key.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn over_grpc_a_hundred_concurrent_calls_and_a_dead_redis_still_make_one_order_per_key() {
+    let (app, _) = spawn(&[]).await;
+    let client = app.grpc().await;
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.create_order(grpc_request(Some("g-storm"), None, "c1")).await })
+        })
+        .collect();
+    let mut fresh = 0;
+    for call in calls {
+        match call.await.expect("task") {
+            Ok(response) if response.metadata().get("idempotent-replayed").is_none() => fresh += 1,
+            Ok(_) => {}
+            Err(status) => assert_eq!(status.code(), Code::Aborted, "only replays or in-flight conflicts"),
+        }
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(count(&app, "orders").await, 1);
+
+    let dead = format!("redis://127.0.0.1:{}", crate::kafka::free_port());
+    let (app, _) = spawn(&[("APP_REDIS__URL", &dead)]).await;
+    let mut client = app.grpc().await;
+    let first = client.create_order(grpc_request(Some("g-dead"), None, "c1")).await.expect("create");
+    let again = client.create_order(grpc_request(Some("g-dead"), None, "c1")).await.expect("backstop replay");
+    assert_eq!(again.metadata().get("idempotent-replayed").and_then(|v| v.to_str().ok()), Some("true"));
+    assert_eq!(again.into_inner().order, first.into_inner().order, "the original order, from the database");
+    assert_eq!(count(&app, "orders").await, 1);
+}
