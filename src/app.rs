@@ -32,6 +32,8 @@ use crate::{
 /// A built, bound, not yet running service.
 pub struct App {
     settings: Settings,
+    /// The bound REST, gRPC and admin addresses (port 0 resolved).
+    addrs: [SocketAddr; 3],
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
@@ -66,6 +68,7 @@ impl App {
         let http = bind(settings.http.addr, "APP_HTTP__ADDR").await?;
         let grpc = bind(settings.grpc.addr, "APP_GRPC__ADDR").await?;
         let admin = bind(settings.admin.addr, "APP_ADMIN__ADDR").await?;
+        let addrs = [http.local_addr()?, grpc.local_addr()?, admin.local_addr()?];
         let health = HealthReporter::new();
         let readiness = Readiness::new(store.clone(), health.clone(), settings.health.check_timeout).await;
         let metrics = Metrics::new()?;
@@ -106,6 +109,7 @@ impl App {
         });
         Ok(Self {
             settings,
+            addrs,
             http,
             grpc,
             admin,
@@ -135,17 +139,17 @@ impl App {
 
     /// Where REST listens (useful with port 0).
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().expect("bound listener has an address")
+        self.addrs[0]
     }
 
     /// Where gRPC listens.
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("bound listener has an address")
+        self.addrs[1]
     }
 
     /// Where `/metrics` listens.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().expect("bound listener has an address")
+        self.addrs[2]
     }
 
     /// Cancelling this token starts a graceful shutdown, exactly like SIGTERM.
@@ -158,6 +162,7 @@ impl App {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let App {
             settings,
+            addrs,
             http,
             grpc,
             admin,
@@ -173,10 +178,8 @@ impl App {
             pg_pool,
             notify_rx,
         } = self;
-        tracing::info!(
-            http = %http.local_addr()?, grpc = %grpc.local_addr()?, admin = %admin.local_addr()?,
-            "orders-service listening"
-        );
+        let [http_addr, grpc_addr, admin_addr] = addrs;
+        tracing::info!(http = %http_addr, grpc = %grpc_addr, admin = %admin_addr, "orders-service listening");
         tokio::spawn(stop_on_signal(shutdown.clone()));
         tokio::spawn(readiness.clone().run(settings.health.check_interval, shutdown.clone()));
 
