@@ -1,7 +1,9 @@
+# shellcheck shell=bash
 # Shared helpers for the scripts in this directory. Source it; do not run it.
 # Everything installed goes under $ORDERS_CACHE (outside the clone), so repeated runs and
 # CI on the same machine reuse it.
 
+# shellcheck disable=SC2034 # used by the scripts that source this file
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export ORDERS_CACHE="${ORDERS_CACHE:-$HOME/.cache/orders-service}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ORDERS_CACHE/target}"

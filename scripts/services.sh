@@ -11,7 +11,7 @@ ensure_postgres() {
       apt_install postgresql postgresql-client
     fi
     local version
-    version="$(ls /etc/postgresql | sort -V | tail -n1)"
+    version="$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n1)"
     [ -n "$version" ] || die "no PostgreSQL cluster found under /etc/postgresql"
     log "starting PostgreSQL $version"
     $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start || true

@@ -22,7 +22,7 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --bin orders-service
-unset $(env | grep -o '^APP_[A-Z_]*' || true)
+while IFS= read -r variable; do unset "$variable"; done < <(env | grep -o '^APP_[A-Z_]*' || true)
 (cd "$work" && exec cargo run --quiet --manifest-path "$ROOT/Cargo.toml") >"$work/service.log" 2>&1 &
 pid=$!
 echo "$pid" >"$work/service.pid"

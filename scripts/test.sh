@@ -28,9 +28,15 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
-log "buf lint and format"
+log "buf lint and format (and breaking changes against main, on other branches)"
 "$BUF" lint
 "$BUF" format -d --exit-code
+if git rev-parse -q --verify main >/dev/null && [ "$(git rev-parse HEAD)" != "$(git rev-parse main)" ]; then
+  "$BUF" breaking --against '.git#branch=main'
+fi
+
+log "shellcheck"
+shellcheck -x scripts/*.sh .ci/run
 
 log "openapi.yaml is a valid OpenAPI 3.1 document; the CI workflow lints clean"
 "$ORDERS_CACHE/venv/bin/openapi-spec-validator" openapi.yaml

