@@ -256,6 +256,9 @@ impl Idempotency {
             if let Err(e) = stored {
                 self.count("store_error");
                 tracing::warn!(error = format!("{e:#}"), "could not record the idempotent response");
+                // Do not leave retries facing 409 until the marker expires: the database
+                // backstop answers them (creates) once the key is free.
+                let _ = self.store.release(key, &token).await;
             }
         }
         self.count("new");
