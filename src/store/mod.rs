@@ -5,18 +5,13 @@
 //! Writes go through [`Store::begin`]: the use-case owns the [`Tx`], performs every write of
 //! one state change in it (the outbox insert joins it later) and commits once.
 
-mod idempotency_sql;
-mod inbox_sql;
 mod postgres;
 mod postgres_outbox;
 mod sql;
 mod sqlite;
 mod sqlite_outbox;
 
-use sql::{
-    ItemRecord, ORDER_COLUMNS, decode_dead_letter, decode_order, decode_outbox, fetch_batch_sql,
-    insert_order, insert_outbox, list_dead_letters_sql, record_failure, update_order,
-};
+use sql::{ORDER_COLUMNS, Sql};
 
 use std::{sync::Arc, time::Duration};
 

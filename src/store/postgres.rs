@@ -11,10 +11,10 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use super::{
-    IdempotentOrder, ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx, decode_order, idempotency_sql,
-    inbox_sql, insert_order, insert_outbox, update_order,
-};
+use super::{IdempotentOrder, ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx};
+
+/// The portable statements, for this database.
+type Sql = super::Sql<Postgres>;
 use crate::{
     config::DatabaseSettings,
     domain::{ListQuery, Order, OrderId},
@@ -82,7 +82,7 @@ impl Store for PostgresStore {
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
         let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1");
         let row = sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&self.pool).await?;
-        row.as_ref().map(decode_order).transpose()
+        row.as_ref().map(Sql::decode_order).transpose()
     }
 
     async fn list_orders(&self, query: &ListQuery) -> Result<Vec<Order>, StoreError> {
@@ -94,7 +94,7 @@ impl Store for PostgresStore {
             .bind(i64::from(query.page_size) + 1)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(decode_order).collect()
+        rows.iter().map(Sql::decode_order).collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -115,23 +115,23 @@ impl Store for PostgresStore {
     }
 
     async fn customer_display_name(&self, customer_id: &str) -> Result<Option<String>, StoreError> {
-        inbox_sql::customer_display_name(&self.pool, customer_id).await
+        Sql::customer_display_name(&self.pool, customer_id).await
     }
 
     async fn purge_inbox(&self, older_than: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
-        inbox_sql::purge_inbox(&self.pool, older_than, limit).await
+        Sql::purge_inbox(&self.pool, older_than, limit).await
     }
 
     async fn list_rejections(&self, limit: i64) -> Result<Vec<Rejection>, StoreError> {
-        inbox_sql::list_rejections(&self.pool, limit).await
+        Sql::list_rejections(&self.pool, limit).await
     }
 
     async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<IdempotentOrder>, StoreError> {
-        idempotency_sql::find(&self.pool, key).await
+        Sql::find_by_idempotency_key(&self.pool, key).await
     }
 
     async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError> {
-        idempotency_sql::release(&self.pool, key).await
+        Sql::release_idempotency_key(&self.pool, key).await
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
@@ -144,33 +144,33 @@ struct PgTx(Transaction<'static, Postgres>);
 #[async_trait]
 impl Tx for PgTx {
     async fn insert_order(&mut self, order: &Order) -> Result<(), StoreError> {
-        insert_order(&mut *self.0, order).await
+        Sql::insert_order(&mut *self.0, order).await
     }
 
     async fn get_order_for_update(&mut self, id: OrderId) -> Result<Option<Order>, StoreError> {
         let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 FOR UPDATE");
         let row = sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&mut *self.0).await?;
-        row.as_ref().map(decode_order).transpose()
+        row.as_ref().map(Sql::decode_order).transpose()
     }
 
     async fn update_order(&mut self, order: &Order, expected_version: i64) -> Result<(), StoreError> {
-        update_order(&mut *self.0, order, expected_version).await
+        Sql::update_order(&mut *self.0, order, expected_version).await
     }
 
     async fn insert_outbox(&mut self, event: &NewOutboxEvent) -> Result<(), StoreError> {
-        insert_outbox(&mut *self.0, event).await
+        Sql::insert_outbox(&mut *self.0, event).await
     }
 
     async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool, StoreError> {
-        inbox_sql::insert_inbox(&mut *self.0, consumer, message_id).await
+        Sql::insert_inbox(&mut *self.0, consumer, message_id).await
     }
 
     async fn upsert_customer(&mut self, customer: &CustomerProjection) -> Result<bool, StoreError> {
-        inbox_sql::upsert_customer(&mut *self.0, customer).await
+        Sql::upsert_customer(&mut *self.0, customer).await
     }
 
     async fn insert_rejection(&mut self, rejection: &Rejection) -> Result<(), StoreError> {
-        inbox_sql::insert_rejection(&mut *self.0, rejection).await
+        Sql::insert_rejection(&mut *self.0, rejection).await
     }
 
     async fn bind_idempotency_key(
@@ -180,7 +180,7 @@ impl Tx for PgTx {
         fingerprint: &[u8],
         expires_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        idempotency_sql::bind(&mut *self.0, order, key, fingerprint, expires_at).await
+        Sql::bind_idempotency_key(&mut *self.0, order, key, fingerprint, expires_at).await
     }
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {

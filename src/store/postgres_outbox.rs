@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{
-    PostgresStore, StoreError, decode_dead_letter, decode_outbox, fetch_batch_sql, list_dead_letters_sql,
-    record_failure,
-};
+use super::{PostgresStore, StoreError};
+
+/// The portable statements, for this database.
+type Sql = super::Sql<sqlx::Postgres>;
 use crate::outbox::{DeadLetter, OutboxRecord, OutboxStats, OutboxStore};
 
 /// "`owner` still holds `partition`" as a SQL condition on parameters `$2` (partition) and
@@ -105,8 +105,7 @@ impl OutboxStore for PostgresStore {
     }
 
     async fn fetch_batch(&self, partition: i32, limit: i64) -> Result<Vec<OutboxRecord>, StoreError> {
-        let rows = sqlx::query(&fetch_batch_sql()).bind(partition).bind(limit).fetch_all(self.pool()).await?;
-        rows.iter().map(decode_outbox).collect()
+        Sql::fetch_batch(self.pool(), partition, limit).await
     }
 
     async fn delete_published(&self, owner: &str, partition: i32, seqs: &[i64]) -> Result<u64, StoreError> {
@@ -119,7 +118,7 @@ impl OutboxStore for PostgresStore {
     }
 
     async fn record_failure(&self, seq: i64, error: &str, retry_in: Duration) -> Result<(), StoreError> {
-        record_failure(self.pool(), seq, error, retry_in).await
+        Sql::record_failure(self.pool(), seq, error, retry_in).await
     }
 
     async fn dead_letter(
@@ -142,8 +141,7 @@ impl OutboxStore for PostgresStore {
     }
 
     async fn list_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(&list_dead_letters_sql()).bind(limit).fetch_all(self.pool()).await?;
-        rows.iter().map(decode_dead_letter).collect()
+        Sql::list_dead_letters(self.pool(), limit).await
     }
 
     async fn replay_dead_letter(&self, seq: i64) -> Result<Option<i32>, StoreError> {

@@ -7,10 +7,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{
-    SqliteStore, StoreError, decode_dead_letter, decode_outbox, fetch_batch_sql, list_dead_letters_sql,
-    record_failure,
-};
+use super::{SqliteStore, StoreError};
+
+/// The portable statements, for this database.
+type Sql = super::Sql<sqlx::Sqlite>;
 use crate::outbox::{DeadLetter, OutboxRecord, OutboxStats, OutboxStore};
 
 const MOVE_COLUMNS: &str = "seq, message_id, partition, aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate, created_at";
@@ -31,8 +31,7 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn fetch_batch(&self, partition: i32, limit: i64) -> Result<Vec<OutboxRecord>, StoreError> {
-        let rows = sqlx::query(&fetch_batch_sql()).bind(partition).bind(limit).fetch_all(self.pool()).await?;
-        rows.iter().map(decode_outbox).collect()
+        Sql::fetch_batch(self.pool(), partition, limit).await
     }
 
     async fn delete_published(&self, _owner: &str, partition: i32, seqs: &[i64]) -> Result<u64, StoreError> {
@@ -51,7 +50,7 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn record_failure(&self, seq: i64, error: &str, retry_in: Duration) -> Result<(), StoreError> {
-        record_failure(self.pool(), seq, error, retry_in).await
+        Sql::record_failure(self.pool(), seq, error, retry_in).await
     }
 
     async fn dead_letter(
@@ -79,8 +78,7 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn list_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(&list_dead_letters_sql()).bind(limit).fetch_all(self.pool()).await?;
-        rows.iter().map(decode_dead_letter).collect()
+        Sql::list_dead_letters(self.pool(), limit).await
     }
 
     async fn replay_dead_letter(&self, seq: i64) -> Result<Option<i32>, StoreError> {
