@@ -5,6 +5,99 @@
 //! Writes go through [`Store::begin`]: the use-case owns the [`Tx`], performs every write of
 //! one state change in it (the outbox insert joins it later) and commits once.
 
+/// Declares an adapter's write transaction: a newtype over a sqlx transaction whose
+/// [`Tx`] methods all run [`Sql`] statements. Only the row lock differs between databases:
+/// `$for_update` is ` FOR UPDATE` on PostgreSQL and empty on SQLite, where `BEGIN IMMEDIATE`
+/// already holds the write lock.
+macro_rules! sql_tx {
+    ($name:ident, $db:ty, $for_update:literal) => {
+        /// A write transaction of this adapter.
+        pub(super) struct $name(sqlx::Transaction<'static, $db>);
+
+        #[async_trait::async_trait]
+        impl crate::store::Tx for $name {
+            async fn insert_order(
+                &mut self,
+                order: &crate::domain::Order,
+            ) -> Result<(), crate::store::StoreError> {
+                crate::store::Sql::<$db>::insert_order(&mut *self.0, order).await
+            }
+
+            async fn get_order_for_update(
+                &mut self,
+                id: crate::domain::OrderId,
+            ) -> Result<Option<crate::domain::Order>, crate::store::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM orders WHERE id = $1{}",
+                    crate::store::ORDER_COLUMNS,
+                    $for_update
+                );
+                let row = sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&mut *self.0).await?;
+                row.as_ref().map(crate::store::Sql::<$db>::decode_order).transpose()
+            }
+
+            async fn update_order(
+                &mut self,
+                order: &crate::domain::Order,
+                expected_version: i64,
+            ) -> Result<(), crate::store::StoreError> {
+                crate::store::Sql::<$db>::update_order(&mut *self.0, order, expected_version).await
+            }
+
+            async fn insert_outbox(
+                &mut self,
+                event: &crate::outbox::NewOutboxEvent,
+            ) -> Result<(), crate::store::StoreError> {
+                crate::store::Sql::<$db>::insert_outbox(&mut *self.0, event).await
+            }
+
+            async fn insert_inbox(
+                &mut self,
+                consumer: &str,
+                message_id: &str,
+            ) -> Result<bool, crate::store::StoreError> {
+                crate::store::Sql::<$db>::insert_inbox(&mut *self.0, consumer, message_id).await
+            }
+
+            async fn upsert_customer(
+                &mut self,
+                customer: &crate::inbox::CustomerProjection,
+            ) -> Result<bool, crate::store::StoreError> {
+                crate::store::Sql::<$db>::upsert_customer(&mut *self.0, customer).await
+            }
+
+            async fn insert_rejection(
+                &mut self,
+                rejection: &crate::inbox::Rejection,
+            ) -> Result<(), crate::store::StoreError> {
+                crate::store::Sql::<$db>::insert_rejection(&mut *self.0, rejection).await
+            }
+
+            async fn bind_idempotency_key(
+                &mut self,
+                order: crate::domain::OrderId,
+                key: &str,
+                fingerprint: &[u8],
+                expires_at: chrono::DateTime<chrono::Utc>,
+            ) -> Result<(), crate::store::StoreError> {
+                crate::store::Sql::<$db>::bind_idempotency_key(
+                    &mut *self.0,
+                    order,
+                    key,
+                    fingerprint,
+                    expires_at,
+                )
+                .await
+            }
+
+            async fn commit(self: Box<Self>) -> Result<(), crate::store::StoreError> {
+                self.0.commit().await?;
+                Ok(())
+            }
+        }
+    };
+}
+
 mod postgres;
 mod postgres_outbox;
 mod sql;

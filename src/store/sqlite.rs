@@ -9,7 +9,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{
-    Sqlite, SqlitePool, Transaction,
+    Sqlite, SqlitePool,
     migrate::Migrator,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
@@ -21,8 +21,7 @@ type Sql = super::Sql<Sqlite>;
 use crate::{
     config::DatabaseSettings,
     domain::{ListQuery, Order, OrderId},
-    inbox::{CustomerProjection, Rejection},
-    outbox::NewOutboxEvent,
+    inbox::Rejection,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -129,53 +128,4 @@ impl Store for SqliteStore {
     }
 }
 
-struct SqliteTx(Transaction<'static, Sqlite>);
-
-#[async_trait]
-impl Tx for SqliteTx {
-    async fn insert_order(&mut self, order: &Order) -> Result<(), StoreError> {
-        Sql::insert_order(&mut *self.0, order).await
-    }
-
-    async fn get_order_for_update(&mut self, id: OrderId) -> Result<Option<Order>, StoreError> {
-        // BEGIN IMMEDIATE already holds the database write lock.
-        let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1");
-        let row = sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&mut *self.0).await?;
-        row.as_ref().map(Sql::decode_order).transpose()
-    }
-
-    async fn update_order(&mut self, order: &Order, expected_version: i64) -> Result<(), StoreError> {
-        Sql::update_order(&mut *self.0, order, expected_version).await
-    }
-
-    async fn insert_outbox(&mut self, event: &NewOutboxEvent) -> Result<(), StoreError> {
-        Sql::insert_outbox(&mut *self.0, event).await
-    }
-
-    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool, StoreError> {
-        Sql::insert_inbox(&mut *self.0, consumer, message_id).await
-    }
-
-    async fn upsert_customer(&mut self, customer: &CustomerProjection) -> Result<bool, StoreError> {
-        Sql::upsert_customer(&mut *self.0, customer).await
-    }
-
-    async fn insert_rejection(&mut self, rejection: &Rejection) -> Result<(), StoreError> {
-        Sql::insert_rejection(&mut *self.0, rejection).await
-    }
-
-    async fn bind_idempotency_key(
-        &mut self,
-        order: OrderId,
-        key: &str,
-        fingerprint: &[u8],
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        Sql::bind_idempotency_key(&mut *self.0, order, key, fingerprint, expires_at).await
-    }
-
-    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.0.commit().await?;
-        Ok(())
-    }
-}
+sql_tx!(SqliteTx, Sqlite, "");
