@@ -7,12 +7,12 @@ use std::sync::Arc;
 use chrono::{DateTime, SubsecRound, Utc};
 
 use crate::{
-    domain::{ListQuery, NewOrder, Order, OrderId, PageToken},
+    domain::{DomainError, ListQuery, NewOrder, Order, OrderId, PageToken},
     error::ApiError,
     events,
     idempotency::IdempotencyContext,
     outbox::{TraceContext, Wakeup},
-    store::{IDEMPOTENCY_KEY_INDEX, Store, StoreError},
+    store::{IDEMPOTENCY_KEY_INDEX, Store, StoreError, Tx},
 };
 
 /// A created order, or the one an earlier request with the same Idempotency-Key created.
@@ -133,16 +133,47 @@ impl Orders {
     #[tracing::instrument(skip(self, trace), err(level = "debug"))]
     pub async fn cancel(&self, id: OrderId, trace: &TraceContext) -> Result<Order, ApiError> {
         let mut tx = self.store.begin().await?;
-        let mut order = tx.get_order_for_update(id).await?.ok_or_else(|| not_found(id))?;
-        let expected_version = order.version;
-        order.cancel(now())?;
+        let order = match change_order(&mut *tx, id, |order| order.cancel(now())).await? {
+            Ok(order) => order,
+            Err(Refused::NotFound(id)) => return Err(not_found(id)),
+            Err(Refused::Rule(rule)) => return Err(rule.into()),
+        };
         let event = events::order_cancelled(&order, trace, self.partitions);
-        tx.update_order(&order, expected_version).await?;
         tx.insert_outbox(&event).await?;
         tx.commit().await?;
         self.wakeup.committed(event.partition);
         Ok(order)
     }
+}
+
+/// Why [`change_order`] left an order alone.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    /// There is no such order.
+    #[error("no order {0}")]
+    NotFound(OrderId),
+    /// The transition's business rule said no.
+    #[error(transparent)]
+    Rule(DomainError),
+}
+
+/// The one way a state change is applied: read the order with a row lock inside `tx`, run
+/// the domain `transition`, and write it back guarded by the version it was read at. Used
+/// by the API's use-cases and by the inbox's effects alike.
+pub(crate) async fn change_order(
+    tx: &mut dyn Tx,
+    id: OrderId,
+    transition: impl FnOnce(&mut Order) -> Result<(), DomainError>,
+) -> Result<Result<Order, Refused>, StoreError> {
+    let Some(mut order) = tx.get_order_for_update(id).await? else {
+        return Ok(Err(Refused::NotFound(id)));
+    };
+    let expected_version = order.version;
+    if let Err(rule) = transition(&mut order) {
+        return Ok(Err(Refused::Rule(rule)));
+    }
+    tx.update_order(&order, expected_version).await?;
+    Ok(Ok(order))
 }
 
 /// The current time at the precision every store keeps (Postgres: microseconds), so a

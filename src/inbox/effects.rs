@@ -1,11 +1,12 @@
 //! Decoding inbound events and applying their effects, one transaction per message.
 
-use chrono::{SubsecRound, Utc};
+use chrono::Utc;
 
 use super::{CustomerProjection, HandleError, InboundMessage, Inbox, Outcome, Rejection};
 use crate::{
     domain::{CapturedPayment, CustomerId, OrderId},
     events,
+    orders::{self, change_order},
     outbox::TraceContext,
     pb::{customers::events::v1 as customers, payments::events::v1 as payments},
     store::{StoreError, Tx},
@@ -126,31 +127,23 @@ async fn apply(
     event: Event,
     trace: &TraceContext,
 ) -> Result<(Outcome, Option<i32>), StoreError> {
-    let now = Utc::now().trunc_subsecs(6);
+    let now = orders::now();
     match event {
         Event::PaymentCaptured { order_id, payment } => {
-            let Some(mut order) = tx.get_order_for_update(order_id).await? else {
-                return Ok((Outcome::Rejected(format!("no order {order_id}")), None));
-            };
-            let expected_version = order.version;
-            if let Err(e) = order.pay(&payment, now) {
-                return Ok((Outcome::Rejected(e.to_string()), None));
+            match change_order(tx, order_id, |order| order.pay(&payment, now)).await? {
+                Ok(order) => {
+                    let event = events::order_paid(&order, &payment, trace, inbox.partitions);
+                    tx.insert_outbox(&event).await?;
+                    Ok((Outcome::Applied, Some(event.partition)))
+                }
+                Err(refused) => Ok((Outcome::Rejected(refused.to_string()), None)),
             }
-            tx.update_order(&order, expected_version).await?;
-            let event = events::order_paid(&order, &payment, trace, inbox.partitions);
-            tx.insert_outbox(&event).await?;
-            Ok((Outcome::Applied, Some(event.partition)))
         }
         Event::PaymentFailed { order_id, reason } => {
-            let Some(mut order) = tx.get_order_for_update(order_id).await? else {
-                return Ok((Outcome::Rejected(format!("no order {order_id}")), None));
-            };
-            let expected_version = order.version;
-            if let Err(e) = order.record_payment_failure(&reason, now) {
-                return Ok((Outcome::Rejected(e.to_string()), None));
+            match change_order(tx, order_id, |order| order.record_payment_failure(&reason, now)).await? {
+                Ok(_) => Ok((Outcome::Applied, None)),
+                Err(refused) => Ok((Outcome::Rejected(refused.to_string()), None)),
             }
-            tx.update_order(&order, expected_version).await?;
-            Ok((Outcome::Applied, None))
         }
         Event::CustomerUpdated(customer) => {
             let applied = tx.upsert_customer(&customer).await?;
