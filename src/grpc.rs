@@ -11,7 +11,7 @@ use crate::{
     domain::{LineItemDraft, ListQuery, NewOrder, Order, OrderDraft, OrderId, OrderStatus},
     error::ApiError,
     idempotency::{
-        Executed, Fingerprint, Idempotency, IdempotencyContext, IdempotencyKey, ScopedKey, StoredResponse,
+        Executed, Fingerprint, Idempotency, IdempotencyContext, ScopedKey, StoredResponse,
         http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED},
     },
     orders::Orders,
@@ -107,22 +107,11 @@ impl GrpcOrders {
         Fut: Future<Output = Result<(Res, bool), ApiError>>,
     {
         let idem = &self.idempotency;
-        let key = match request.metadata().get(IDEMPOTENCY_KEY).map(|v| v.to_str()) {
-            None if required => {
-                idem.count("missing");
-                return Err(ApiError::IdempotencyKey("metadata idempotency-key is required".into()).into());
-            }
-            None => return Ok(Response::new(op(request, None).await?.0)),
-            Some(raw) => match raw.map_err(|_| ()).and_then(|v| IdempotencyKey::parse(v).map_err(|_| ())) {
-                Ok(key) => key,
-                Err(()) => {
-                    idem.count("malformed");
-                    let detail = "idempotency-key must be 1 to 255 visible ASCII characters, bare or quoted";
-                    return Err(ApiError::IdempotencyKey(detail.into()).into());
-                }
-            },
+        let raw = request.metadata().get(IDEMPOTENCY_KEY).map(|v| v.to_str().ok());
+        let Some(key) = idem.key(raw, required)? else {
+            return Ok(Response::new(op(request, None).await?.0));
         };
-        let identity = metadata_identity(request.metadata(), &idem.settings().identity_header);
+        let identity = idem.caller(|name| request.metadata().get(name).and_then(|v| v.to_str().ok()));
         let fingerprint = Fingerprint::of("grpc", route, &request.get_ref().encode_to_vec());
         let scoped = ScopedKey::new(&identity, "grpc", route, &key);
         let context = IdempotencyContext { key: scoped.clone(), fingerprint, ttl: idem.settings().ttl };
@@ -264,19 +253,6 @@ where
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// The caller's identity from the configured trusted metadata key, or `anonymous`.
-fn metadata_identity(metadata: &tonic::metadata::MetadataMap, name: &str) -> String {
-    if name.is_empty() {
-        return "anonymous".to_owned();
-    }
-    metadata
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .unwrap_or("anonymous")
-        .to_owned()
 }
 
 /// The caller's W3C trace context from gRPC metadata.

@@ -12,9 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{
-    Executed, Fingerprint, Idempotency, IdempotencyContext, IdempotencyKey, ScopedKey, StoredResponse,
-};
+use super::{Executed, Fingerprint, Idempotency, IdempotencyContext, ScopedKey, StoredResponse};
 use crate::error::{ApiError, Malformed};
 
 /// The request header carrying the key.
@@ -46,28 +44,13 @@ pub async fn optional(State(state): State<IdempotencyLayerState>, request: Reque
 
 async fn handle(state: IdempotencyLayerState, required: bool, request: Request, next: Next) -> Response {
     let idem = &state.idempotency;
-    let key = match request.headers().get(IDEMPOTENCY_KEY) {
-        None if required => {
-            idem.count("missing");
-            return ApiError::IdempotencyKey("the Idempotency-Key header is required on this request".into())
-                .into_response();
-        }
-        None => return next.run(request).await,
-        Some(value) => {
-            match value.to_str().map_err(|_| ()).and_then(|v| IdempotencyKey::parse(v).map_err(|_| ())) {
-                Ok(key) => key,
-                Err(()) => {
-                    idem.count("malformed");
-                    return ApiError::IdempotencyKey(
-                        "Idempotency-Key must be 1 to 255 visible ASCII characters, bare or in double quotes"
-                            .into(),
-                    )
-                    .into_response();
-                }
-            }
-        }
+    let raw = request.headers().get(IDEMPOTENCY_KEY).map(|v| v.to_str().ok());
+    let key = match idem.key(raw, required) {
+        Ok(Some(key)) => key,
+        Ok(None) => return next.run(request).await,
+        Err(e) => return e.into_response(),
     };
-    let identity = caller_identity(&request, &idem.settings().identity_header);
+    let identity = idem.caller(|name| request.headers().get(name).and_then(|v| v.to_str().ok()));
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
     let method = request.method().as_str().to_owned();
     let (parts, body) = request.into_parts();
@@ -94,20 +77,6 @@ async fn handle(state: IdempotencyLayerState, required: bool, request: Request, 
         Ok(Executed::Replayed(response)) => restore(response, true),
         Err(e) => e.into_response(),
     }
-}
-
-/// The caller's identity from the configured trusted header, or `anonymous`.
-pub fn caller_identity(request: &Request, header_name: &str) -> String {
-    if header_name.is_empty() {
-        return "anonymous".to_owned();
-    }
-    request
-        .headers()
-        .get(header_name)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .unwrap_or("anonymous")
-        .to_owned()
 }
 
 async fn store(response: Response) -> StoredResponse {

@@ -197,6 +197,32 @@ impl Idempotency {
         &self.settings
     }
 
+    /// Reads a request's key from its header / metadata value: `None` when absent, `Some(None)`
+    /// when present but not text. A missing required key and a malformed key are counted and
+    /// refused; a missing optional key is `Ok(None)`.
+    pub fn key(&self, raw: Option<Option<&str>>, required: bool) -> Result<Option<IdempotencyKey>, ApiError> {
+        let parsed = match raw {
+            None if required => {
+                self.count("missing");
+                return Err(ApiError::IdempotencyKey(
+                    "an Idempotency-Key is required on this request".into(),
+                ));
+            }
+            None => return Ok(None),
+            Some(Some(value)) => IdempotencyKey::parse(value),
+            Some(None) => IdempotencyKey::parse(""),
+        };
+        parsed.map(Some).inspect_err(|_| self.count("malformed"))
+    }
+
+    /// The caller's identity: the value of the trusted identity header (looked up by name
+    /// with `lookup`), or `anonymous` when none is configured or sent.
+    pub fn caller<'a>(&self, lookup: impl FnOnce(&str) -> Option<&'a str>) -> String {
+        let name = &self.settings.identity_header;
+        let identity = if name.is_empty() { None } else { lookup(name).filter(|v| !v.is_empty()) };
+        identity.unwrap_or("anonymous").to_owned()
+    }
+
     /// Counts an outcome (`new`, `replayed`, `conflict`, `mismatch`, `missing`, `malformed`, `store_error`).
     pub fn count(&self, outcome: &str) {
         self.metrics.idempotency_outcomes.with_label_values(&[outcome]).inc();
