@@ -177,10 +177,10 @@ impl Relay {
 
     async fn publish(
         &self,
-        batch: Vec<(i32, OutboxRecord)>,
+        mut batch: Vec<(i32, OutboxRecord)>,
         report: &mut PassReport,
     ) -> Result<(), StoreError> {
-        let messages = batch.iter().map(|(_, r)| self.message(r)).collect();
+        let messages = batch.iter_mut().map(|(_, r)| self.message(r)).collect();
         let results = self.publisher.publish(messages).await;
         let mut published: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
         for ((partition, row), result) in batch.iter().zip(results) {
@@ -221,7 +221,8 @@ impl Relay {
     }
 
     /// The Kafka message for a row: key = aggregate id, CloudEvents binary-mode headers.
-    fn message(&self, row: &OutboxRecord) -> OutboundMessage {
+    /// Moves the payload out of the row (the row keeps only what settling it needs).
+    fn message(&self, row: &mut OutboxRecord) -> OutboundMessage {
         let mut headers = vec![
             ("ce_specversion", "1.0".to_owned()),
             ("ce_id", row.message_id.to_string()),
@@ -241,7 +242,7 @@ impl Relay {
         OutboundMessage {
             topic: self.settings.topic.clone(),
             key: row.aggregate_id.clone(),
-            payload: row.payload.clone(),
+            payload: std::mem::take(&mut row.payload),
             headers,
         }
     }
