@@ -40,7 +40,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// The store: outbox dead letters and inbox rejections.
     pub store: Arc<dyn Store>,
-    /// Wakes the local relay after a replay.
+    /// Wakes the partition's relay after a replay.
     pub wakeup: Arc<Wakeup>,
     /// The in-process bus, when no Kafka is configured.
     pub bus: Option<Arc<InMemoryBus>>,
@@ -81,7 +81,8 @@ async fn replay_dead_letter(
     match state.store.replay_dead_letter(seq).await? {
         Some(partition) => {
             tracing::info!(seq, partition, "dead letter replayed");
-            state.wakeup.wake_local();
+            // Wakes whichever relay owns the partition: this process's, or another's by NOTIFY.
+            state.wakeup.committed(partition);
             Ok(Json(serde_json::json!({ "replayed": seq, "partition": partition })))
         }
         None => Err(ApiError::NotFound { resource: "dead letter", id: seq.to_string() }),

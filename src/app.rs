@@ -26,7 +26,7 @@ use crate::{
     },
     pb,
     publish::{InMemoryBus, KafkaPublisher, Publisher},
-    store::{self, Store},
+    store::{self, Stores},
 };
 
 /// A built, bound, not yet running service.
@@ -37,7 +37,7 @@ pub struct App {
     http: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
-    store: Arc<dyn Store>,
+    stores: Stores,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     health: HealthReporter,
@@ -49,18 +49,24 @@ pub struct App {
     inbox: Option<Arc<Inbox>>,
     /// The in-process bus, when no Kafka is configured.
     bus: Option<Arc<InMemoryBus>>,
-    /// Cross-process wake-ups (PostgreSQL only): the pool and the notifier's queue.
-    pg_pool: Option<sqlx::PgPool>,
+    /// Cross-process wake-ups (PostgreSQL only): the notifier's queue.
     notify_rx: Option<tokio::sync::mpsc::Receiver<i32>>,
 }
 
 impl App {
     /// Connects the store (migrating it if configured) and binds every listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store::Connected { store, pg_pool } =
-            store::connect(&settings.database).await.context("connecting to the database")?;
+        let stores = store::connect(&settings.database).await.context("connecting to the database")?;
         if settings.database.migrate_on_start {
-            store.migrate().await.context("applying migrations at startup")?;
+            stores.api.migrate().await.context("applying migrations at startup")?;
+        }
+        if stores.api.migrations_applied().await.unwrap_or(false) {
+            // Every role writes or reads partitioned outbox rows: all must agree on P.
+            stores
+                .api
+                .ensure_partitions(settings.outbox.partitions)
+                .await
+                .context("checking APP_OUTBOX__PARTITIONS")?;
         }
         let bind = |addr: SocketAddr, var: &'static str| async move {
             TcpListener::bind(addr).await.with_context(|| format!("binding {addr} ({var})"))
@@ -70,10 +76,11 @@ impl App {
         let admin = bind(settings.admin.addr, "APP_ADMIN__ADDR").await?;
         let addrs = [http.local_addr()?, grpc.local_addr()?, admin.local_addr()?];
         let health = HealthReporter::new();
-        let readiness = Readiness::new(store.clone(), health.clone(), settings.health.check_timeout).await;
+        let readiness =
+            Readiness::new(stores.api.clone(), health.clone(), settings.health.check_timeout).await;
         let metrics = Metrics::new()?;
 
-        let (notify_tx, notify_rx) = match &pg_pool {
+        let (notify_tx, notify_rx) = match &stores.notify_pool {
             Some(_) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1024);
                 (Some(tx), Some(rx))
@@ -81,13 +88,13 @@ impl App {
             None => (None, None),
         };
         let wakeup = Wakeup::new(notify_tx);
-        let (publisher, bus) = publisher(&settings, pg_pool.is_some())?;
+        let (publisher, bus) = publisher(&settings, stores.notify_pool.is_some())?;
         let relay = settings.roles.relay.then(|| {
             let owner = settings.outbox.relay_id.clone().unwrap_or_else(generated_relay_id);
             let relay_settings = relay_settings(&settings);
             Relay::new(
                 owner,
-                store.clone(),
+                stores.relay.clone(),
                 publisher.clone(),
                 wakeup.clone(),
                 metrics.clone(),
@@ -98,7 +105,7 @@ impl App {
             let (partitions, backoff) = (settings.outbox.partitions, settings.outbox.backoff);
             let inbox_settings = settings.inbox.clone();
             Inbox::new(
-                store.clone(),
+                stores.inbox.clone(),
                 wakeup.clone(),
                 partitions,
                 publisher,
@@ -113,7 +120,7 @@ impl App {
             http,
             grpc,
             admin,
-            store,
+            stores,
             metrics,
             readiness,
             health,
@@ -122,7 +129,6 @@ impl App {
             relay,
             inbox,
             bus,
-            pg_pool,
             notify_rx,
         })
     }
@@ -166,7 +172,7 @@ impl App {
             http,
             grpc,
             admin,
-            store,
+            stores,
             metrics,
             readiness,
             health,
@@ -175,9 +181,9 @@ impl App {
             relay,
             inbox,
             bus,
-            pg_pool,
             notify_rx,
         } = self;
+        let pg_pool = stores.notify_pool.clone();
         let [http_addr, grpc_addr, admin_addr] = addrs;
         tracing::info!(http = %http_addr, grpc = %grpc_addr, admin = %admin_addr, "orders-service listening");
         tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -191,7 +197,7 @@ impl App {
             background.push(tokio::spawn(notify::run_notifier(pool, rx, window, background_stop.clone())));
         }
         if let Some(relay) = relay {
-            if let Some(pool) = pg_pool {
+            if let Some(pool) = pg_pool.clone() {
                 background.push(tokio::spawn(notify::run_listener(
                     pool,
                     wakeup.clone(),
@@ -214,13 +220,13 @@ impl App {
         }
 
         let admin_state =
-            AdminState { metrics: metrics.clone(), store: store.clone(), wakeup: wakeup.clone(), bus };
-        let orders = Orders::new(store, wakeup, settings.outbox.partitions);
+            AdminState { metrics: metrics.clone(), store: stores.api.clone(), wakeup: wakeup.clone(), bus };
+        let orders = Orders::new(stores.api.clone(), wakeup, settings.outbox.partitions);
         let limits = Limits {
             request_timeout: settings.http.request_timeout,
             body_limit_bytes: settings.http.body_limit_bytes,
         };
-        let idempotency = idempotency_service(&settings, metrics.clone())?;
+        let idempotency = idempotency_service(&settings, pg_pool.is_some(), metrics.clone())?;
         let state = AppState { orders: orders.clone(), readiness: readiness.clone() };
         let idempotency_layer = IdempotencyLayerState {
             idempotency: idempotency.clone(),
@@ -317,12 +323,25 @@ impl App {
 }
 
 /// Idempotency-Key service: Redis when configured, else in memory (single process).
-fn idempotency_service(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Idempotency>> {
+fn idempotency_service(
+    settings: &Settings,
+    shared_database: bool,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<Idempotency>> {
     let store: Arc<dyn KeyStore> = match &settings.redis {
         Some(redis) => {
             Arc::new(RedisKeyStore::new(redis.url.expose(), redis.key_prefix.clone(), redis.timeout)?)
         }
-        None => Arc::new(MemoryKeyStore::new()),
+        None => {
+            if shared_database {
+                tracing::warn!(
+                    "APP_REDIS__URL is empty with PostgreSQL: Idempotency-Key responses are kept per process. \
+                     With more than one replica, a retry on another replica is answered by the database \
+                     backstop only (creates) or runs again (cancels): set APP_REDIS__URL"
+                );
+            }
+            Arc::new(MemoryKeyStore::new(settings.idempotency.memory_capacity))
+        }
     };
     Ok(Idempotency::new(store, settings.idempotency.clone(), metrics))
 }
@@ -360,13 +379,13 @@ fn publisher(
     if kafka.create_topics && !topics.is_empty() {
         // In the background: Kafka being down must delay neither startup nor writes; until
         // the topics exist, publishing fails retriably and the outbox buffers.
-        let (client, partitions) = (kafka.client.clone(), kafka.topic_partitions);
+        let (client, layout) = (kafka.client.clone(), kafka.topics);
         tokio::spawn(async move {
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            if let Err(e) = client.create_topics(&names, partitions).await {
-                tracing::warn!(
+            if let Err(e) = client.create_topics(&names, &layout).await {
+                tracing::error!(
                     error = format!("{e:#}"),
-                    "could not create Kafka topics; publishing retries until they exist"
+                    "Kafka topics are missing or misconfigured; publishing retries until they accept writes"
                 );
             }
         });

@@ -22,6 +22,9 @@ pub struct InvalidBackoff {
 }
 
 impl Backoff {
+    /// 100 ms doubling to 5 s: for internal loops with nothing configured.
+    pub const DEFAULT: Self = Self { min: Duration::from_millis(100), max: Duration::from_secs(5) };
+
     /// Validates `0 < min <= max`.
     pub fn new(min: Duration, max: Duration) -> Result<Self, InvalidBackoff> {
         if min.is_zero() || min > max {

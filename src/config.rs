@@ -7,7 +7,10 @@
 use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 use crate::{
-    backoff::Backoff, idempotency::IdempotencySettings, inbox::InboxSettings, publish::KafkaSettings,
+    backoff::Backoff,
+    idempotency::IdempotencySettings,
+    inbox::InboxSettings,
+    publish::{KafkaSettings, TopicSettings},
 };
 
 /// Redis connection settings.
@@ -29,7 +32,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_HTTP__REQUEST_TIMEOUT_MS", "10000", "per-request deadline (REST and gRPC)"),
     ("APP_HTTP__BODY_LIMIT_BYTES", "1048576", "largest accepted request body / gRPC message"),
     ("APP_DATABASE__URL", "sqlite://data/orders.db", "postgres://… or sqlite://…"),
-    ("APP_DATABASE__MAX_CONNECTIONS", "10", "connection pool size"),
+    ("APP_DATABASE__MAX_CONNECTIONS", "10", "API connection pool size (per replica)"),
+    ("APP_DATABASE__RELAY_MAX_CONNECTIONS", "2", "relay connection pool size (PostgreSQL)"),
+    ("APP_DATABASE__INBOX_MAX_CONNECTIONS", "8", "inbox connection pool size (PostgreSQL)"),
+    ("APP_DATABASE__STATEMENT_TIMEOUT_MS", "5000", "longest statement the service runs"),
+    ("APP_DATABASE__MIGRATION_LOCK_TIMEOUT_MS", "60000", "longest wait of a migration for a lock"),
     ("APP_DATABASE__ACQUIRE_TIMEOUT_MS", "2000", "wait for a pooled connection before 503"),
     ("APP_DATABASE__MIGRATE_ON_START", "true", "apply migrations in `serve`"),
     ("APP_HEALTH__CHECK_INTERVAL_MS", "5000", "how often gRPC health is refreshed"),
@@ -42,12 +49,19 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_KAFKA__MESSAGE_MAX_BYTES", "1000000", "larger events are dead-lettered"),
     ("APP_KAFKA__CREATE_TOPICS", "true", "create missing topics at startup"),
     ("APP_KAFKA__TOPIC_PARTITIONS", "3", "partitions of topics created at startup"),
+    ("APP_KAFKA__TOPIC_REPLICATION", "3", "replication factor of topics created at startup"),
+    (
+        "APP_KAFKA__TOPIC_MIN_INSYNC_REPLICAS",
+        "",
+        "min.insync.replicas of created topics; empty = replication - 1 (at least 1)",
+    ),
     ("APP_KAFKA__GROUP_ID", "orders-service", "consumer group of the inbox"),
     ("APP_EVENTS__TOPIC", "orders.events", "topic the relay publishes to"),
     ("APP_INBOX__PAYMENTS_TOPIC", "payments.events", "payment events consumed"),
     ("APP_INBOX__CUSTOMERS_TOPIC", "customers.events", "customer events consumed"),
     ("APP_INBOX__RETENTION_HOURS", "336", "inbox rows kept (longer than the broker's retention)"),
     ("APP_INBOX__MAX_PARALLEL_PARTITIONS", "8", "partitions processed at once"),
+    ("APP_INBOX__MAX_ATTEMPTS", "10", "aborted attempts of one message before it is dead-lettered"),
     ("APP_EVENTS__SOURCE", "/orders-service", "CloudEvents source attribute"),
     ("APP_OUTBOX__PARTITIONS", "16", "outbox partitions (P); change only with an empty outbox"),
     ("APP_OUTBOX__BATCH_SIZE", "100", "rows fetched per partition per pass"),
@@ -63,6 +77,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_IDEMPOTENCY__TTL_MS", "86400000", "how long a completed response is replayed (24 h)"),
     ("APP_IDEMPOTENCY__LOCK_TTL_MS", "30000", "in-flight marker lifetime (> request timeout)"),
     ("APP_IDEMPOTENCY__IDENTITY_HEADER", "", "trusted caller-identity header/metadata; empty = anonymous"),
+    ("APP_IDEMPOTENCY__MEMORY_CAPACITY", "100000", "entries the in-memory key store keeps (without Redis)"),
     ("APP_LOG_FORMAT", "text", "text or json"),
     ("APP_LOG_LEVEL", "info", "tracing filter, e.g. info,orders_service=debug"),
 ];
@@ -153,8 +168,16 @@ pub struct AdminSettings {
 pub struct DatabaseSettings {
     /// `postgres://…` (production) or `sqlite://…` (embedded default); carries credentials.
     pub url: Secret,
-    /// Upper bound on pooled connections per replica.
+    /// Upper bound on the API's pooled connections per replica.
     pub max_connections: u32,
+    /// The relay's pool (PostgreSQL; SQLite shares one pool).
+    pub relay_max_connections: u32,
+    /// The inbox's pool (PostgreSQL).
+    pub inbox_max_connections: u32,
+    /// Longest statement on the service's pools (`statement_timeout`; SQLite busy timeout).
+    pub statement_timeout: Duration,
+    /// Longest wait of `migrate` for a lock; migrations have no statement timeout.
+    pub migration_lock_timeout: Duration,
     /// How long a request waits for a connection before failing fast with 503.
     pub acquire_timeout: Duration,
     /// Apply migrations when `serve` starts (off in Kubernetes, where a hook Job runs `migrate`).
@@ -214,8 +237,8 @@ pub struct KafkaConfig {
     pub client: KafkaSettings,
     /// Create missing topics at startup (brokers without auto-creation, dev clusters).
     pub create_topics: bool,
-    /// Partition count of topics created at startup.
-    pub topic_partitions: i32,
+    /// How topics created at startup are laid out.
+    pub topics: TopicSettings,
 }
 
 /// Event publishing.
@@ -281,6 +304,10 @@ impl Settings {
             database: DatabaseSettings {
                 url: Secret::new(env.raw("APP_DATABASE__URL")),
                 max_connections: env.parse("APP_DATABASE__MAX_CONNECTIONS")?,
+                relay_max_connections: env.parse("APP_DATABASE__RELAY_MAX_CONNECTIONS")?,
+                inbox_max_connections: env.parse("APP_DATABASE__INBOX_MAX_CONNECTIONS")?,
+                statement_timeout: env.millis("APP_DATABASE__STATEMENT_TIMEOUT_MS")?,
+                migration_lock_timeout: env.millis("APP_DATABASE__MIGRATION_LOCK_TIMEOUT_MS")?,
                 acquire_timeout: env.millis("APP_DATABASE__ACQUIRE_TIMEOUT_MS")?,
                 migrate_on_start: env.parse("APP_DATABASE__MIGRATE_ON_START")?,
             },
@@ -310,7 +337,14 @@ impl Settings {
                         properties: parse_properties(&env.raw("APP_KAFKA__PROPERTIES"))?,
                     },
                     create_topics: env.parse("APP_KAFKA__CREATE_TOPICS")?,
-                    topic_partitions: env.parse("APP_KAFKA__TOPIC_PARTITIONS")?,
+                    topics: TopicSettings {
+                        partitions: env.parse("APP_KAFKA__TOPIC_PARTITIONS")?,
+                        replication: env.parse("APP_KAFKA__TOPIC_REPLICATION")?,
+                        min_insync_replicas: match env.raw("APP_KAFKA__TOPIC_MIN_INSYNC_REPLICAS") {
+                            raw if raw.is_empty() => None,
+                            _ => Some(env.parse("APP_KAFKA__TOPIC_MIN_INSYNC_REPLICAS")?),
+                        },
+                    },
                 }),
             },
             events: EventsSettings {
@@ -337,11 +371,13 @@ impl Settings {
                 customers_topic: env.raw("APP_INBOX__CUSTOMERS_TOPIC"),
                 retention: Duration::from_secs(3600 * env.parse::<u64>("APP_INBOX__RETENTION_HOURS")?),
                 max_parallel_partitions: env.parse("APP_INBOX__MAX_PARALLEL_PARTITIONS")?,
+                max_attempts: env.parse("APP_INBOX__MAX_ATTEMPTS")?,
             },
             idempotency: IdempotencySettings {
                 ttl: env.millis("APP_IDEMPOTENCY__TTL_MS")?,
                 lock_ttl: env.millis("APP_IDEMPOTENCY__LOCK_TTL_MS")?,
                 identity_header: env.raw("APP_IDEMPOTENCY__IDENTITY_HEADER").to_ascii_lowercase(),
+                memory_capacity: env.parse("APP_IDEMPOTENCY__MEMORY_CAPACITY")?,
             },
             redis: match env.raw("APP_REDIS__URL") {
                 url if url.is_empty() => None,
@@ -368,8 +404,23 @@ impl Settings {
         {
             return Err(error("APP_DATABASE__URL", "expected a postgres:// or sqlite: URL"));
         }
-        if self.database.max_connections == 0 {
-            return Err(error("APP_DATABASE__MAX_CONNECTIONS", "must be at least 1"));
+        for (variable, size) in [
+            ("APP_DATABASE__MAX_CONNECTIONS", self.database.max_connections),
+            ("APP_DATABASE__RELAY_MAX_CONNECTIONS", self.database.relay_max_connections),
+            ("APP_DATABASE__INBOX_MAX_CONNECTIONS", self.database.inbox_max_connections),
+        ] {
+            if size == 0 {
+                return Err(error(variable, "must be at least 1"));
+            }
+        }
+        if let Some(kafka) = &self.kafka {
+            kafka.topics.validate().map_err(|(variable, message)| error(variable, message))?;
+        }
+        if self.inbox.max_attempts == 0 {
+            return Err(error("APP_INBOX__MAX_ATTEMPTS", "must be at least 1"));
+        }
+        if self.idempotency.memory_capacity == 0 {
+            return Err(error("APP_IDEMPOTENCY__MEMORY_CAPACITY", "must be at least 1"));
         }
         if self.http.body_limit_bytes < 1024 {
             return Err(error("APP_HTTP__BODY_LIMIT_BYTES", "must be at least 1024"));

@@ -172,9 +172,13 @@ impl ApiError {
         }
     }
 
-    /// Whether the client may retry the same request later (drives `Retry-After`).
-    fn retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Timeout | Self::IdempotencyInFlight)
+    /// Whether the client may retry the same request later (drives `Retry-After`). Such
+    /// outcomes are never stored for Idempotency-Key replay: the retry must really run.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::Timeout | Self::IdempotencyInFlight | Self::ConcurrentUpdate
+        )
     }
 
     /// Logs server-side failures with their cause chain, once.
@@ -285,7 +289,19 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Conflict | StoreError::UniqueViolation(_) => Self::ConcurrentUpdate,
-            StoreError::Unavailable(e) => Self::Unavailable(e),
+            StoreError::Unavailable(e) | StoreError::Aborted(e) => Self::Unavailable(e),
+            StoreError::Rejected(e) => {
+                // Validation should have caught it first; say what kind of input it was.
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the database rejected a value validation let through"
+                );
+                Self::BadRequest {
+                    kind: Malformed::Syntax,
+                    detail: "a value was rejected by the database (for example a NUL character or a number out of range)"
+                        .into(),
+                }
+            }
             StoreError::Other(e) => Self::Internal(e),
         }
     }

@@ -90,6 +90,7 @@ fn outbox_event(
     NewOutboxEvent {
         message_id: Uuid::now_v7(),
         partition: partition_of(&aggregate_id, partitions),
+        partitions,
         aggregate_type: ORDER_AGGREGATE,
         aggregate_id,
         event_type,

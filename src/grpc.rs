@@ -28,7 +28,7 @@ pub struct GrpcOrders {
     idempotency: Arc<Idempotency>,
 }
 
-/// gRPC method paths: the routes idempotency keys are scoped to.
+/// gRPC method paths: what idempotency keys are scoped to (CancelOrder adds the order id).
 const CREATE_ORDER: &str = "/orders.v1.OrderService/CreateOrder";
 /// See [`CREATE_ORDER`].
 const CANCEL_ORDER: &str = "/orders.v1.OrderService/CancelOrder";
@@ -52,7 +52,8 @@ impl OrderService for GrpcOrders {
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
-        self.idempotent(request, CREATE_ORDER, true, |request, context| self.create(request, context)).await
+        let scope = CREATE_ORDER.to_owned();
+        self.idempotent(request, scope, true, |request, context| self.create(request, context)).await
     }
 
     async fn get_order(
@@ -84,7 +85,9 @@ impl OrderService for GrpcOrders {
         &self,
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
-        self.idempotent(request, CANCEL_ORDER, false, |request, _| self.cancel(request)).await
+        // Scoped to the order, as REST scopes to the concrete path: one key, one target.
+        let scope = format!("{CANCEL_ORDER}/{}", request.get_ref().id);
+        self.idempotent(request, scope, false, |request, _| self.cancel(request)).await
     }
 }
 
@@ -96,7 +99,7 @@ impl GrpcOrders {
     async fn idempotent<Req, Res, F, Fut>(
         &self,
         request: Request<Req>,
-        route: &'static str,
+        route: String,
         required: bool,
         op: F,
     ) -> Result<Response<Res>, Status>
@@ -112,8 +115,8 @@ impl GrpcOrders {
             return Ok(Response::new(op(request, None).await?.0));
         };
         let identity = idem.caller(|name| request.metadata().get(name).and_then(|v| v.to_str().ok()));
-        let fingerprint = Fingerprint::of("grpc", route, &request.get_ref().encode_to_vec());
-        let scoped = ScopedKey::new(&identity, "grpc", route, &key);
+        let fingerprint = Fingerprint::of("grpc", &route, &request.get_ref().encode_to_vec());
+        let scoped = ScopedKey::new(&identity, "grpc", &route, &key);
         let context = IdempotencyContext { key: scoped.clone(), fingerprint, ttl: idem.settings().ttl };
         let executed = idem
             .execute(&scoped, &fingerprint, || async { stored(op(request, Some(context)).await) })
@@ -174,7 +177,7 @@ fn stored<Res: Message>(result: Result<(Res, bool), ApiError>) -> (StoredRespons
             (StoredResponse { status: 0, headers, body: response.encode_to_vec() }, true)
         }
         Err(error) => {
-            let deterministic = !error.kind().status.is_server_error();
+            let deterministic = !error.kind().status.is_server_error() && !error.retryable();
             let status = Status::from(error);
             let headers = vec![("grpc-message".to_owned(), status.message().to_owned())];
             (

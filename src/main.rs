@@ -1,5 +1,7 @@
 //! The `orders-service` binary: `serve` (default) runs the service, `migrate` applies
-//! database migrations and exits (what the Helm pre-upgrade hook runs).
+//! database migrations and exits (what the Helm pre-upgrade hook runs), `outbox
+//! repartition` moves outbox rows to `APP_OUTBOX__PARTITIONS` partitions while no replica
+//! runs, `openapi` prints the REST contract.
 
 use anyhow::Context;
 use orders_service::{app::App, config::Settings, telemetry};
@@ -13,10 +15,15 @@ async fn main() -> anyhow::Result<()> {
     match command.as_str() {
         "serve" => App::build(settings).await?.run_until_stopped().await,
         "migrate" => orders_service::store::migrate(&settings.database).await,
+        "outbox" if std::env::args().nth(2).as_deref() == Some("repartition") => {
+            orders_service::store::repartition(&settings.database, settings.outbox.partitions).await
+        }
         "openapi" => {
             print!("{}", orders_service::http::openapi_yaml()?);
             Ok(())
         }
-        other => anyhow::bail!("unknown command {other:?}; expected serve, migrate or openapi"),
+        other => anyhow::bail!(
+            "unknown command {other:?}; expected serve, migrate, openapi or `outbox repartition`"
+        ),
     }
 }

@@ -17,9 +17,14 @@
 //! | `outbox_dead_letters` | gauge | rows in the dead-letter table |
 //! | `outbox_partitions_owned` | gauge | partitions this replica's relay leases |
 //! | `outbox_publish_latency_seconds` | histogram | commit → broker acknowledgement |
+//! | `outbox_relays_live` | gauge | live relays seen at this relay's last lease acquisition |
+//! | `outbox_relay_passes_total` | counter | relay passes (what the relay costs while it waits) |
+//! | `outbox_producer_fatal_total` | counter | fatal producer errors (leases released, producer rebuilt) |
+//! | `outbox_settle_fenced_total` | counter | rows not settled because their lease had moved on |
 //! | `inbox_messages_total` | counter | `topic`, `result` = applied / duplicate / stale / rejected / dead_lettered |
 //! | `inbox_processing_seconds` | histogram | `topic`; includes retries |
-//! | `inbox_retries_total` | counter | `topic`; transient failures retried |
+//! | `inbox_retries_total` | counter | `topic`; unavailable or aborted attempts retried |
+//! | `inbox_dispatch_failures_total` | counter | `topic`; messages whose partition worker had died (the partition is rewound) |
 //! | `idempotency_outcomes_total` | counter | `outcome` = new / replayed / conflict / mismatch / missing / malformed / store_error |
 //! | `inbox_consumer_lag` | gauge | `topic`, `partition`; from librdkafka statistics (every 5 s) |
 
@@ -76,12 +81,22 @@ pub struct Metrics {
     pub outbox_partitions_owned: IntGauge,
     /// Commit → broker acknowledgement.
     pub outbox_publish_latency: Histogram,
+    /// Live relays at the last acquisition.
+    pub outbox_relays_live: IntGauge,
+    /// Relay passes.
+    pub outbox_relay_passes: IntCounter,
+    /// Fatal producer errors.
+    pub outbox_producer_fatal: IntCounter,
+    /// Rows whose settlement the lease no longer covered.
+    pub outbox_settle_fenced: IntCounter,
     /// Inbound messages by topic and result.
     pub inbox_messages: IntCounterVec,
     /// Time to handle one inbound message, retries included.
     pub inbox_processing: HistogramVec,
     /// Transient inbox failures that were retried.
     pub inbox_retries: IntCounterVec,
+    /// Messages that could not be handed to their partition's worker.
+    pub inbox_dispatch_failures: IntCounterVec,
     /// Consumer lag per partition (messages behind the high watermark).
     pub inbox_consumer_lag: IntGaugeVec,
     /// Idempotency-Key outcomes.
@@ -127,6 +142,21 @@ impl Metrics {
             HistogramOpts::new("outbox_publish_latency_seconds", "Outbox commit to broker acknowledgement")
                 .buckets(BUCKETS.to_vec()),
         )?;
+        let outbox_relays_live =
+            IntGauge::new("outbox_relays_live", "Live relays at this relay's last lease acquisition")?;
+        let outbox_relay_passes = IntCounter::new("outbox_relay_passes_total", "Outbox relay passes")?;
+        let outbox_producer_fatal = IntCounter::new(
+            "outbox_producer_fatal_total",
+            "Fatal Kafka producer errors (leases released, producer rebuilt)",
+        )?;
+        let outbox_settle_fenced = IntCounter::new(
+            "outbox_settle_fenced_total",
+            "Outbox rows not settled because their partition lease had moved on",
+        )?;
+        for metric in [&outbox_relay_passes, &outbox_producer_fatal, &outbox_settle_fenced] {
+            registry.register(Box::new(metric.clone()))?;
+        }
+        registry.register(Box::new(outbox_relays_live.clone()))?;
         let inbox_messages = IntCounterVec::new(
             Opts::new("inbox_messages_total", "Inbound messages by topic and result"),
             &["topic", "result"],
@@ -137,10 +167,18 @@ impl Metrics {
             &["topic"],
         )?;
         let inbox_retries = IntCounterVec::new(
-            Opts::new("inbox_retries_total", "Transient inbox failures retried"),
+            Opts::new(
+                "inbox_retries_total",
+                "Inbox attempts retried (database unavailable or attempt aborted)",
+            ),
             &["topic"],
         )?;
         registry.register(Box::new(inbox_retries.clone()))?;
+        let inbox_dispatch_failures = IntCounterVec::new(
+            Opts::new("inbox_dispatch_failures_total", "Inbound messages whose partition worker had died"),
+            &["topic"],
+        )?;
+        registry.register(Box::new(inbox_dispatch_failures.clone()))?;
         let inbox_consumer_lag = IntGaugeVec::new(
             Opts::new("inbox_consumer_lag", "Messages behind the high watermark, per partition"),
             &["topic", "partition"],
@@ -177,9 +215,14 @@ impl Metrics {
             outbox_dead_letters,
             outbox_partitions_owned,
             outbox_publish_latency,
+            outbox_relays_live,
+            outbox_relay_passes,
+            outbox_producer_fatal,
+            outbox_settle_fenced,
             inbox_messages,
             inbox_processing,
             inbox_retries,
+            inbox_dispatch_failures,
             inbox_consumer_lag,
             idempotency_outcomes,
         }))

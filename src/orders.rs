@@ -96,8 +96,11 @@ impl Orders {
         let Some(bound) = self.store.find_by_idempotency_key(idem.key.as_str()).await? else {
             return Ok(None);
         };
-        if bound.expires_at <= Utc::now() {
-            self.store.release_idempotency_key(idem.key.as_str()).await?;
+        let now = Utc::now();
+        if bound.expires_at <= now {
+            // Conditional: a concurrent retry may have re-bound the key first; then the next
+            // round finds that fresh binding instead of unbinding it.
+            self.store.release_idempotency_key(idem.key.as_str(), now).await?;
             return Ok(None);
         }
         if bound.fingerprint != idem.fingerprint.0 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::{
     body::Body,
-    extract::{MatchedPath, Request, State},
+    extract::{Request, State},
     http::{HeaderName, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -51,7 +51,9 @@ async fn handle(state: IdempotencyLayerState, required: bool, request: Request, 
         Err(e) => return e.into_response(),
     };
     let identity = idem.caller(|name| request.headers().get(name).and_then(|v| v.to_str().ok()));
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    // The concrete path, not the route template: a key used to cancel order A must not
+    // replay A's response when it is sent again to cancel order B.
+    let route = request.uri().path().to_owned();
     let method = request.method().as_str().to_owned();
     let (parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, state.body_limit).await else {
@@ -67,8 +69,10 @@ async fn handle(state: IdempotencyLayerState, required: bool, request: Request, 
     let executed = idem
         .execute(&scoped, &fingerprint, || async move {
             let response = next.run(request).await;
-            // 5xx (unavailable, timeout, bug) is not an outcome the client should be held to.
-            let deterministic = !response.status().is_server_error();
+            // 5xx (unavailable, timeout, bug) and anything the client is told to retry
+            // (Retry-After: a lost concurrent update) is not an outcome to hold it to.
+            let deterministic =
+                !response.status().is_server_error() && !response.headers().contains_key(header::RETRY_AFTER);
             (store(response).await, deterministic)
         })
         .await;

@@ -1,8 +1,9 @@
 //! `Idempotency-Key` (IETF httpapi draft, Stripe semantics) for REST and gRPC.
 //!
 //! A request with a key runs at most once per scope: the caller's identity, the method and
-//! the route template. Its fingerprint (SHA-256 of method, route and body) must match on
-//! retries. The fast path is a [`KeyStore`] (Redis, or memory in the embedded default): an
+//! the target (the concrete REST path, or the gRPC method plus the order id for
+//! CancelOrder), so one key never stands for two different resources. Its fingerprint
+//! (SHA-256 of method, target and body) must match on retries. The fast path is a [`KeyStore`] (Redis, or memory in the embedded default): an
 //! in-flight marker taken with `SET NX` and a short TTL, then the completed response for
 //! `APP_IDEMPOTENCY__TTL_MS`. PostgreSQL is the backstop: a created order keeps the scoped
 //! key and fingerprint under a unique index, so a lost or unreachable key store still
@@ -15,8 +16,9 @@
 //! | same key, different fingerprint | 422 | FAILED_PRECONDITION |
 //! | same key still in flight | 409 + `Retry-After` | ABORTED |
 //!
-//! Outcomes that are not deterministic (5xx, timeouts, unavailable dependencies) release the
-//! key so the client can retry; successes and 4xx are stored.
+//! Outcomes that are not deterministic (5xx, timeouts, unavailable dependencies, a lost
+//! concurrent update: anything answered with `Retry-After` / a retryable code) release the
+//! key so the client's retry really runs; successes and other 4xx are stored.
 
 pub mod http;
 mod memory;
@@ -60,7 +62,7 @@ impl IdempotencyKey {
 pub struct Fingerprint(pub [u8; 32]);
 
 impl Fingerprint {
-    /// Fingerprint of a request: method, route template and body bytes.
+    /// Fingerprint of a request: method, target (path) and body bytes.
     pub fn of(method: &str, route: &str, body: &[u8]) -> Self {
         let mut hash = Sha256::new();
         for part in [method.as_bytes(), b"\n", route.as_bytes(), b"\n", body] {
@@ -168,6 +170,8 @@ pub struct IdempotencySettings {
     pub lock_ttl: Duration,
     /// Trusted header naming the caller (e.g. a mesh identity header); empty = anonymous.
     pub identity_header: String,
+    /// Keys the in-memory store keeps at most (used without Redis).
+    pub memory_capacity: u64,
 }
 
 /// How a request ran.

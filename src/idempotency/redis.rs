@@ -1,15 +1,17 @@
-//! Redis key store (redis-rs with a reconnecting connection manager). Every call has a
-//! short deadline: a slow or absent Redis degrades to the PostgreSQL backstop instead of
-//! stalling requests.
+//! Redis key store (redis-rs with a reconnecting connection manager). The connection is
+//! made in the background and no lock is ever held across I/O; every call has a short
+//! deadline. A slow, absent or blackholed Redis degrades to the PostgreSQL backstop
+//! instead of stalling requests (each waits at most `APP_REDIS__TIMEOUT_MS`, concurrently).
 
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
-use tokio::sync::Mutex;
+use tokio::sync::watch;
 
 use super::{Begin, Fingerprint, KeyStore, Record, ScopedKey, StoredResponse};
+use crate::backoff::Backoff;
 
 /// Deletes the in-flight marker only if it still carries our token.
 const RELEASE: &str = r#"
@@ -20,40 +22,51 @@ end
 return 0
 "#;
 
+/// Where the background connector is.
+#[derive(Clone)]
+enum Link {
+    /// The first attempt is under way: calls wait for it, at most their timeout.
+    Connecting,
+    /// An attempt failed and none succeeded since: calls fail at once (the database
+    /// backstop decides) while the connector retries in the background.
+    Down,
+    /// Connected; the connection manager reconnects by itself from here on.
+    Up(ConnectionManager),
+}
+
 /// The Redis key store.
 pub struct RedisKeyStore {
-    client: redis::Client,
-    /// Created on first successful use, then reconnects by itself.
-    connection: Mutex<Option<ConnectionManager>>,
+    /// Published by the background connector; read without holding anything across I/O.
+    link: watch::Receiver<Link>,
     /// Namespaces keys (`orders-service:idem:` by default; tests use their own).
     prefix: String,
     /// Deadline for each Redis round trip.
     timeout: Duration,
+    /// Stops the background connector when the store is dropped.
+    connector: tokio::task::AbortHandle,
 }
 
 impl RedisKeyStore {
-    /// Prepares the client; nothing connects until the first request.
+    /// Starts connecting in the background (retrying with backoff until Redis answers);
+    /// requests never queue behind it. Needs a Tokio runtime.
     pub fn new(url: &str, prefix: String, timeout: Duration) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).context("APP_REDIS__URL is not a valid redis:// URL")?;
-        Ok(Self { client, connection: Mutex::new(None), prefix, timeout })
+        let (publish, link) = watch::channel(Link::Connecting);
+        let connector = tokio::spawn(connect(client, timeout, publish)).abort_handle();
+        Ok(Self { link, prefix, timeout, connector })
     }
 
     async fn connection(&self) -> anyhow::Result<ConnectionManager> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
+        let mut link = self.link.clone();
+        let settled = tokio::time::timeout(self.timeout, link.wait_for(|l| !matches!(l, Link::Connecting)));
+        match settled.await {
+            Ok(Ok(state)) => match &*state {
+                Link::Up(connection) => Ok(connection.clone()),
+                _ => anyhow::bail!("Redis is unreachable (reconnecting in the background)"),
+            },
+            Ok(Err(_)) => anyhow::bail!("the Redis connector stopped"),
+            Err(_) => anyhow::bail!("connecting to Redis timed out"),
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1);
-        let connection =
-            tokio::time::timeout(self.timeout * 2, self.client.get_connection_manager_with_config(config))
-                .await
-                .context("connecting to Redis timed out")?
-                .context("connecting to Redis")?;
-        *slot = Some(connection.clone());
-        Ok(connection)
     }
 
     fn key(&self, key: &ScopedKey) -> String {
@@ -69,6 +82,42 @@ impl RedisKeyStore {
             .await
             .with_context(|| format!("Redis {what} timed out"))?
             .with_context(|| format!("Redis {what}"))
+    }
+}
+
+impl Drop for RedisKeyStore {
+    fn drop(&mut self) {
+        self.connector.abort();
+    }
+}
+
+/// Connects until it succeeds, each attempt bounded by twice the call timeout, backing off
+/// up to 5 s between attempts; a blackholed Redis costs one pending attempt, not a queue of
+/// requests.
+async fn connect(client: redis::Client, timeout: Duration, link: watch::Sender<Link>) {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout)
+        .set_number_of_retries(1);
+    let backoff = Backoff::new(timeout, Duration::from_secs(5).max(timeout)).unwrap_or(Backoff::DEFAULT);
+    for attempt in 0u32.. {
+        let connecting = client.get_connection_manager_with_config(config.clone());
+        match tokio::time::timeout(timeout * 2, connecting).await {
+            Ok(Ok(connection)) => {
+                link.send_replace(Link::Up(connection));
+                tracing::info!("connected to Redis");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, attempt, "cannot connect to Redis; idempotency uses the database meanwhile")
+            }
+            Err(_) => tracing::warn!(
+                attempt,
+                "connecting to Redis timed out; idempotency uses the database meanwhile"
+            ),
+        }
+        link.send_replace(Link::Down);
+        tokio::time::sleep(backoff.delay(attempt)).await;
     }
 }
 

@@ -30,12 +30,23 @@ fn json<T: serde::de::DeserializeOwned>(message: &InboundMessage, ce_type: &str)
     serde_json::from_slice(&message.payload).map_err(|e| format!("undecodable {ce_type}: {e}"))
 }
 
+/// Rejects control characters (PostgreSQL refuses NUL in text; the rest has no business in
+/// ids or names), except newlines and tabs in free text.
+fn clean(field: &str, value: &str, free_text: bool) -> Result<(), String> {
+    let allowed = |c: char| free_text && (c == '\n' || c == '\t');
+    match value.chars().find(|&c| c.is_control() && !allowed(c)) {
+        Some(c) => Err(format!("{field} contains the control character U+{:04X}", u32::from(c))),
+        None => Ok(()),
+    }
+}
+
 /// Decodes and validates; every failure is a poison message (it can never succeed).
 fn decode(inbox: &Inbox, message: &InboundMessage) -> Result<(String, Event), String> {
     let id = message
         .header("ce_id")
         .filter(|id| !id.is_empty() && id.len() <= 255)
         .ok_or("missing or invalid ce_id")?;
+    clean("ce_id", id, false)?;
     let ce_type = message.header("ce_type").ok_or("missing ce_type")?;
     let settings = inbox.settings();
     let expected_topic = match ce_type {
@@ -51,6 +62,8 @@ fn decode(inbox: &Inbox, message: &InboundMessage) -> Result<(String, Event), St
     let event = match ce_type {
         PAYMENT_CAPTURED => {
             let e: payments::PaymentCaptured = json(message, ce_type)?;
+            clean("paymentId", &e.payment_id, false)?;
+            clean("currency", &e.currency, false)?;
             if e.payment_id.is_empty() || e.amount_minor < 0 || e.currency.len() != 3 {
                 return Err("PaymentCaptured needs a payment_id, a non-negative amount and a currency".into());
             }
@@ -63,6 +76,7 @@ fn decode(inbox: &Inbox, message: &InboundMessage) -> Result<(String, Event), St
         }
         PAYMENT_FAILED => {
             let e: payments::PaymentFailed = json(message, ce_type)?;
+            clean("reason", &e.reason, true)?;
             if e.reason.trim().is_empty() {
                 return Err("PaymentFailed needs a reason".into());
             }
@@ -70,6 +84,7 @@ fn decode(inbox: &Inbox, message: &InboundMessage) -> Result<(String, Event), St
         }
         _ => {
             let e: customers::CustomerUpdated = json(message, ce_type)?;
+            clean("displayName", &e.display_name, false)?;
             let customer_id = CustomerId::parse("customer_id", &e.customer_id)
                 .map_err(|v| format!("{}: {}", v.field, v.message))?;
             if e.display_name.trim().is_empty() || e.display_name.chars().count() > 200 || e.version < 1 {

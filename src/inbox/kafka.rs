@@ -3,53 +3,112 @@
 //! bound), offsets stored only after a message is done and committed by librdkafka in the
 //! background; on shutdown the in-flight message finishes, offsets are committed
 //! synchronously and the consumer leaves the group.
+//!
+//! The poll loop never waits on a worker: a partition whose worker falls
+//! [`PAUSE_AT`] messages behind is paused (librdkafka stops fetching it) and resumed once
+//! the worker is down to [`RESUME_AT`], so one stuck partition never stalls the others nor
+//! trips `max.poll.interval.ms`. When a rebalance revokes partitions, their workers are
+//! told to stop before the revoke completes: queued messages are dropped (the next owner
+//! reads them from the committed offset), an in-flight one finishes, and the inbox table
+//! turns any overlap with the next owner into a counted duplicate.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use anyhow::Context;
 use rdkafka::{
-    ClientContext, Message, Statistics,
-    consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer},
+    ClientContext, Message, Offset, Statistics, TopicPartitionList,
+    consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     message::Headers,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
+use tokio::{sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::{InboundMessage, Inbox};
 use crate::{metrics::Metrics, publish::KafkaSettings};
 
-/// Receives librdkafka's statistics to export consumer lag per partition.
-pub struct LagContext(Arc<Metrics>);
+/// A partition's worker is paused once this many of its messages wait.
+pub const PAUSE_AT: usize = 64;
+/// ...and resumed once it is down to this many.
+pub const RESUME_AT: usize = 16;
 
-impl ClientContext for LagContext {
+/// `(topic, partition)`.
+type PartitionKey = (String, i32);
+
+/// Receives librdkafka's statistics (consumer lag per partition) and rebalance callbacks.
+pub struct InboxContext {
+    metrics: Arc<Metrics>,
+    /// Stop tokens of the running workers, so a revoke can stop them synchronously.
+    workers: Mutex<HashMap<PartitionKey, CancellationToken>>,
+}
+
+impl ClientContext for InboxContext {
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 // librdkafka reports -1 for partitions it does not consume.
                 if *partition >= 0 && p.consumer_lag >= 0 {
                     let partition = partition.to_string();
-                    self.0.inbox_consumer_lag.with_label_values(&[topic, &partition]).set(p.consumer_lag);
+                    self.metrics
+                        .inbox_consumer_lag
+                        .with_label_values(&[topic, &partition])
+                        .set(p.consumer_lag);
                 }
             }
         }
     }
 }
 
-impl ConsumerContext for LagContext {}
-
-/// Messages buffered per partition worker (backpressure on the consumer beyond this).
-const WORKER_QUEUE: usize = 64;
+impl ConsumerContext for InboxContext {
+    /// Runs on the polling task before librdkafka gives revoked partitions up.
+    fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else { return };
+        let mut workers = self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for element in revoked.elements() {
+            let key = (element.topic().to_owned(), element.partition());
+            if let Some(stop) = workers.remove(&key) {
+                stop.cancel();
+            }
+            let _ = self.metrics.inbox_consumer_lag.remove_label_values(&[&key.0, &key.1.to_string()]);
+        }
+        if revoked.count() > 0 {
+            tracing::info!(
+                partitions = revoked.count(),
+                "inbox: partitions revoked; their queued work is dropped"
+            );
+        }
+    }
+}
 
 /// The Kafka runner.
 pub struct KafkaInbox {
-    consumer: Arc<StreamConsumer<LagContext>>,
+    consumer: Arc<StreamConsumer<InboxContext>>,
     inbox: Arc<Inbox>,
+    metrics: Arc<Metrics>,
+}
+
+/// The dispatcher's handle on one partition's worker.
+struct WorkerHandle {
+    queue: mpsc::UnboundedSender<InboundMessage>,
+    /// Messages handed to the worker and not finished yet.
+    queued: Arc<AtomicUsize>,
+    /// Whether the partition is paused; also serializes pause and resume.
+    paused: Arc<Mutex<bool>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 impl KafkaInbox {
     /// Creates the group consumer (it joins on [`KafkaInbox::run`]).
     pub fn new(settings: &KafkaSettings, inbox: Arc<Inbox>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let consumer: StreamConsumer<LagContext> = settings
+        let context = InboxContext { metrics: metrics.clone(), workers: Mutex::new(HashMap::new()) };
+        let consumer: StreamConsumer<InboxContext> = settings
             .client_config()
             .set("group.id", &inbox.settings().group_id)
             .set("enable.auto.commit", "true")
@@ -58,9 +117,9 @@ impl KafkaInbox {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "5000")
-            .create_with_context(LagContext(metrics))
+            .create_with_context(context)
             .context("creating the Kafka consumer (check APP_KAFKA__*)")?;
-        Ok(Self { consumer: Arc::new(consumer), inbox })
+        Ok(Self { consumer: Arc::new(consumer), inbox, metrics })
     }
 
     /// Consumes until `stop`.
@@ -72,8 +131,7 @@ impl KafkaInbox {
             return;
         }
         let permits = Arc::new(Semaphore::new(self.inbox.settings().max_parallel_partitions.max(1)));
-        let mut workers: HashMap<(String, i32), mpsc::Sender<InboundMessage>> = HashMap::new();
-        let mut handles = Vec::new();
+        let mut workers: HashMap<PartitionKey, WorkerHandle> = HashMap::new();
         loop {
             let received = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -90,23 +148,46 @@ impl KafkaInbox {
                 }
             };
             let key = (message.topic.clone(), message.partition);
-            let sender = workers.entry(key).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-                let worker = Worker {
-                    consumer: self.consumer.clone(),
-                    inbox: self.inbox.clone(),
-                    permits: permits.clone(),
-                    stop: stop.clone(),
-                };
-                handles.push(tokio::spawn(worker.run(rx)));
-                tx
-            });
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = sender.send(message) => {}
+            // A revoked worker stops; a message for the partition (reassigned) starts a new one
+            // that waits for the old one's in-flight message first.
+            let predecessor = match workers.remove(&key) {
+                Some(worker) if worker.stop.is_cancelled() => Some(worker.task),
+                Some(worker) => {
+                    workers.insert(key.clone(), worker);
+                    None
+                }
+                None => None,
+            };
+            let worker = workers
+                .entry(key.clone())
+                .or_insert_with(|| self.spawn_worker(&key, &permits, &stop, predecessor));
+            let offset = message.offset;
+            if worker.queue.send(message).is_err() {
+                // The worker is gone without being revoked: never skip past its message.
+                self.metrics.inbox_dispatch_failures.with_label_values(&[&key.0]).inc();
+                tracing::error!(topic = %key.0, partition = key.1, offset,
+                    "inbox: partition worker died; rewinding to its message");
+                workers.remove(&key);
+                let seek = self.consumer.seek(
+                    &key.0,
+                    key.1,
+                    Offset::Offset(offset),
+                    std::time::Duration::from_secs(5),
+                );
+                if let Err(e) = seek {
+                    tracing::error!(error = %e, "inbox: rewind failed; the partition restarts from its committed offset");
+                }
+                continue;
+            }
+            let queued = worker.queued.fetch_add(1, Ordering::AcqRel) + 1;
+            if queued >= PAUSE_AT {
+                let mut paused = worker.paused.lock().unwrap_or_else(|p| p.into_inner());
+                if !*paused && self.set_paused(&key, true) {
+                    *paused = true;
+                }
             }
         }
-        drop(workers);
+        let handles: Vec<JoinHandle<()>> = workers.into_values().map(|w| w.task).collect();
         for handle in handles {
             let _ = handle.await;
         }
@@ -120,21 +201,81 @@ impl KafkaInbox {
         .await;
         tracing::info!("inbox consumer stopped");
     }
+
+    fn spawn_worker(
+        &self,
+        key: &PartitionKey,
+        permits: &Arc<Semaphore>,
+        stop: &CancellationToken,
+        predecessor: Option<JoinHandle<()>>,
+    ) -> WorkerHandle {
+        let (queue, messages) = mpsc::unbounded_channel();
+        let worker_stop = stop.child_token();
+        self.consumer
+            .context()
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), worker_stop.clone());
+        let (queued, paused) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(false)));
+        // A partition assigned again may still carry an earlier pause.
+        self.set_paused(key, false);
+        let worker = Worker {
+            consumer: self.consumer.clone(),
+            inbox: self.inbox.clone(),
+            permits: permits.clone(),
+            stop: worker_stop.clone(),
+            queued: queued.clone(),
+            paused: paused.clone(),
+            key: key.clone(),
+        };
+        let task = tokio::spawn(worker.run(messages, predecessor));
+        WorkerHandle { queue, queued, paused, stop: worker_stop, task }
+    }
+
+    fn set_paused(&self, key: &PartitionKey, pause: bool) -> bool {
+        set_paused(&self.consumer, key, pause)
+    }
+}
+
+/// Pauses or resumes fetching one partition; `false` if librdkafka refused (e.g. revoked).
+fn set_paused(consumer: &StreamConsumer<InboxContext>, key: &PartitionKey, pause: bool) -> bool {
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition(&key.0, key.1);
+    let result = if pause { consumer.pause(&partitions) } else { consumer.resume(&partitions) };
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, topic = %key.0, partition = key.1, pause, "inbox: pause/resume refused");
+            false
+        }
+    }
 }
 
 /// Processes one partition's messages in order.
 struct Worker {
-    consumer: Arc<StreamConsumer<LagContext>>,
+    consumer: Arc<StreamConsumer<InboxContext>>,
     inbox: Arc<Inbox>,
     permits: Arc<Semaphore>,
+    /// Cancelled by a revoke of this partition or by shutdown.
     stop: CancellationToken,
+    queued: Arc<AtomicUsize>,
+    paused: Arc<Mutex<bool>>,
+    key: PartitionKey,
 }
 
 impl Worker {
-    async fn run(self, mut messages: mpsc::Receiver<InboundMessage>) {
+    async fn run(
+        self,
+        mut messages: mpsc::UnboundedReceiver<InboundMessage>,
+        predecessor: Option<JoinHandle<()>>,
+    ) {
+        if let Some(previous) = predecessor {
+            let _ = previous.await; // its in-flight message commits before we start
+        }
         while let Some(message) = messages.recv().await {
             if self.stop.is_cancelled() {
-                return; // not processed, offset not stored: redelivered after restart
+                return; // not processed, offset not stored: redelivered to the next owner
             }
             let Ok(_permit) = self.permits.acquire().await else { return };
             if !self.inbox.process(&message, &self.stop).await {
@@ -145,6 +286,13 @@ impl Worker {
                 // Typically the partition was revoked meanwhile; the new owner redelivers and
                 // the inbox recognises the duplicate.
                 tracing::debug!(error = %e, "inbox: could not store offset");
+            }
+            let queued = self.queued.fetch_sub(1, Ordering::AcqRel) - 1;
+            if queued <= RESUME_AT {
+                let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+                if *paused && set_paused(&self.consumer, &self.key, false) {
+                    *paused = false;
+                }
             }
         }
     }

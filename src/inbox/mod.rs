@@ -5,11 +5,15 @@
 //! commit; and only then may the runner store the Kafka offset. A redelivered message
 //! finds its row and is acknowledged as a duplicate, never applied twice.
 //!
-//! - Transient failures (database unreachable, timeouts) are retried with backoff and the
-//!   offset is not stored, so no message is ever skipped.
-//! - Poison messages (undecodable, unknown type, invalid) go to `<topic>.dlq` with headers
-//!   naming the error and the source position, are recorded in `inbox_rejection`, and the
-//!   stream continues.
+//! - An unreachable database is retried with backoff without limit and the offset is not
+//!   stored, so no message is ever skipped.
+//! - An attempt that aborts (deadlock, serialization failure, lock or statement timeout) is
+//!   retried up to `APP_INBOX__MAX_ATTEMPTS` times, then the message is dead-lettered: one
+//!   message cannot hold its partition forever.
+//! - Poison messages (undecodable, unknown type, invalid, control characters, data the
+//!   database rejects, a panicking handler) go to `<topic>.dlq` with headers naming the
+//!   error and the source position, are recorded in `inbox_rejection`, and the stream
+//!   continues.
 //! - Messages that are valid but not applicable (a payment for an order in another state or
 //!   for another amount) are recorded as rejected, visible to operators, and not retried.
 //!
@@ -126,15 +130,31 @@ impl Outcome {
     }
 }
 
-/// Why a message could not be handled.
+/// Why a message could not be handled, by what retrying it can achieve.
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
-    /// Retry later without committing the offset.
-    #[error("transient: {0}")]
-    Transient(#[from] StoreError),
-    /// The message can never be applied: dead-letter it.
+    /// The database is unreachable: not this message's fault. Retried without limit and
+    /// without storing the offset (nothing behind it could be applied either).
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] StoreError),
+    /// This attempt lost (deadlock, serialization failure, lock or statement timeout, an
+    /// unexpected error): retried up to `max_attempts`, then dead-lettered.
+    #[error("attempt aborted: {0}")]
+    Aborted(#[source] StoreError),
+    /// The message can never be applied (undecodable, invalid, or data the database
+    /// rejects): dead-letter it at once.
     #[error("poison: {0}")]
     Poison(String),
+}
+
+impl From<StoreError> for HandleError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(_) => Self::Unavailable(err),
+            StoreError::Rejected(_) => Self::Poison(format!("{:#}", anyhow::Error::from(err))),
+            _ => Self::Aborted(err),
+        }
+    }
 }
 
 /// Topics and naming.
@@ -150,6 +170,10 @@ pub struct InboxSettings {
     pub retention: Duration,
     /// Upper bound on partitions processed at once.
     pub max_parallel_partitions: usize,
+    /// Aborted attempts (deadlock, serialization, lock or statement timeout, unexpected
+    /// errors) of one message before it is dead-lettered. A database that is unreachable
+    /// is not the message's fault and is retried without limit.
+    pub max_attempts: u32,
 }
 
 /// The inbox handler shared by the Kafka and bus runners.
@@ -198,23 +222,35 @@ impl Inbox {
         effects::handle(self, message).await
     }
 
-    /// Handles a message until it is done: retries transient failures with backoff (the
-    /// offset must not move past an unapplied message), dead-letters poison. Returns `false`
-    /// if `stop` fired first, in which case the caller must not store the offset.
-    pub async fn process(&self, message: &InboundMessage, stop: &CancellationToken) -> bool {
+    /// Handles a message until it is done: retries an unreachable database without limit
+    /// and aborted attempts up to `max_attempts` (the offset must not move past an unapplied
+    /// message), dead-letters poison and messages that keep aborting. A panicking handler
+    /// is poison too. Returns `false` if `stop` fired first, in which case the caller must
+    /// not store the offset.
+    pub async fn process(self: &Arc<Self>, message: &InboundMessage, stop: &CancellationToken) -> bool {
         let started = std::time::Instant::now();
-        let mut attempt = 0u32;
+        let (mut attempt, mut aborted) = (0u32, 0u32);
         let result = loop {
-            match self.handle(message).await {
+            let poison = match self.handle_isolated(message).await {
                 Ok(outcome) => break outcome.label(),
-                Err(HandleError::Poison(reason)) => match self.dead_letter(message, &reason).await {
+                Err(HandleError::Poison(reason)) => Some(reason),
+                Err(HandleError::Aborted(e)) if aborted + 1 >= self.settings.max_attempts => Some(format!(
+                    "gave up after {} aborted attempts: {:#}",
+                    aborted + 1,
+                    anyhow::Error::from(e)
+                )),
+                Err(e) => {
+                    aborted += u32::from(matches!(e, HandleError::Aborted(_)));
+                    self.metrics.inbox_retries.with_label_values(&[&message.topic]).inc();
+                    tracing::warn!(topic = %message.topic, partition = message.partition, offset = message.offset,
+                        attempt, error = format!("{:#}", anyhow::Error::from(e)), "inbox: retrying");
+                    None
+                }
+            };
+            if let Some(reason) = poison {
+                match self.dead_letter(message, &reason).await {
                     Ok(()) => break "dead_lettered",
                     Err(e) => tracing::warn!(error = format!("{e:#}"), "could not dead-letter; retrying"),
-                },
-                Err(HandleError::Transient(e)) => {
-                    self.metrics.inbox_retries.with_label_values(&[&message.topic]).inc();
-                    tracing::warn!(topic = %message.topic, offset = message.offset, attempt,
-                        error = format!("{:#}", anyhow::Error::from(e)), "inbox: transient failure; retrying");
                 }
             }
             attempt += 1;
@@ -229,6 +265,25 @@ impl Inbox {
             .with_label_values(&[&message.topic])
             .observe(started.elapsed().as_secs_f64());
         true
+    }
+
+    /// [`Inbox::handle`] in a task of its own, so a panic becomes a poison verdict for this
+    /// message instead of killing the partition's worker.
+    async fn handle_isolated(self: &Arc<Self>, message: &InboundMessage) -> Result<Outcome, HandleError> {
+        let (inbox, owned) = (self.clone(), message.clone());
+        match tokio::spawn(async move { inbox.handle(&owned).await }).await {
+            Ok(result) => result,
+            Err(join) if join.is_panic() => {
+                let panic = join.into_panic();
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(HandleError::Poison(format!("the handler panicked: {what}")))
+            }
+            Err(join) => Err(HandleError::Aborted(StoreError::Other(anyhow::Error::new(join)))),
+        }
     }
 
     /// Publishes a poison message to `<topic>.dlq` with error headers and records it.

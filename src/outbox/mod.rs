@@ -12,7 +12,10 @@ pub mod relay;
 
 use std::{
     collections::HashSet,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -68,6 +71,9 @@ pub struct NewOutboxEvent {
     pub message_id: Uuid,
     /// `stable_hash(aggregate_id) mod P`.
     pub partition: i32,
+    /// The P that `partition` was computed with; the insert refuses a P the outbox was not
+    /// created with, so a replica with a stale setting cannot strand rows.
+    pub partitions: i32,
     /// e.g. `order`.
     pub aggregate_type: &'static str,
     /// The aggregate's id; becomes the Kafka key and `ce_subject`.
@@ -82,11 +88,14 @@ pub struct NewOutboxEvent {
     pub created_at: DateTime<Utc>,
 }
 
-/// An outbox row as the relay reads it.
+/// An outbox row as the relay reads it: always the oldest pending event of its aggregate,
+/// with its backoff elapsed.
 #[derive(Debug, Clone)]
 pub struct OutboxRecord {
     /// Insertion order; per aggregate also commit order.
     pub seq: i64,
+    /// The partition it belongs to (whose lease fences its settlement).
+    pub partition: i32,
     /// CloudEvents id.
     pub message_id: Uuid,
     /// Aggregate type.
@@ -103,8 +112,6 @@ pub struct OutboxRecord {
     pub created_at: DateTime<Utc>,
     /// Failed publish attempts so far.
     pub attempts: i32,
-    /// Whether its backoff has elapsed.
-    pub due: bool,
 }
 
 /// A dead-lettered event, as the admin API lists it.
@@ -143,34 +150,129 @@ pub struct OutboxStats {
     pub dead_letters: i64,
 }
 
+/// A partition lease as a relay holds it. The epoch grows every time the partition changes
+/// hands, and every settle statement checks it: a relay that stalled past its lease cannot
+/// delete, reschedule or dead-letter rows of a partition that moved on, even if it holds the
+/// partition again by the time it wakes up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The partition.
+    pub partition: i32,
+    /// Fencing token of this tenure.
+    pub epoch: i64,
+}
+
+/// Who is asking for leases: the owner id (unique among live relays) and this process's
+/// instance, so a second process configured with the same owner id is refused instead of
+/// silently sharing leases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayIdentity {
+    /// Lease owner id (`APP_OUTBOX__RELAY_ID`, or generated).
+    pub owner: String,
+    /// Random per process.
+    pub instance: Uuid,
+}
+
+/// What a lease acquisition found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// The leases this relay holds now, by partition.
+    pub leases: Vec<Lease>,
+    /// Live relays, this one included.
+    pub live_relays: usize,
+    /// How many partitions this relay should hold; fewer means others still have to let go.
+    pub fair_share: usize,
+}
+
+/// How one published row is settled after a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// The broker acknowledged it: delete it.
+    Published,
+    /// Retriable failure: count the attempt and try again at `next_attempt_at`.
+    Retry {
+        /// Why it failed.
+        error: String,
+        /// When it becomes due again (the relay's clock, as the fetch uses it).
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// Permanent failure: move it to the dead-letter table.
+    DeadLetter {
+        /// Why the broker rejected it.
+        error: String,
+    },
+}
+
+/// One row's settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    /// The row.
+    pub seq: i64,
+    /// Its partition (its lease is checked).
+    pub partition: i32,
+    /// What happens to it.
+    pub outcome: Settle,
+}
+
+/// How many rows a settle statement changed, per kind. Fewer than asked means the lease
+/// moved on meanwhile; the new owner republishes (consumers dedupe by `ce_id`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Rows deleted as published.
+    pub published: u64,
+    /// Rows rescheduled.
+    pub retried: u64,
+    /// Rows moved to the dead-letter table.
+    pub dead_lettered: u64,
+}
+
+/// Why the outbox refuses this replica's partition count.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "APP_OUTBOX__PARTITIONS is {configured} but the outbox was created with {stored} partitions: \
+     changing P would strand rows and split an order's events across relays. Keep {stored}, or stop \
+     every replica and run `orders-service outbox repartition` with the new value"
+)]
+pub struct PartitionMismatch {
+    /// This replica's `APP_OUTBOX__PARTITIONS`.
+    pub configured: i32,
+    /// What the database recorded at first start.
+    pub stored: i32,
+}
+
 /// The outbox side of the storage port.
 #[async_trait]
 pub trait OutboxStore: Send + Sync + 'static {
-    /// Heartbeats `owner`, rebalances partition leases evenly over the live relays and
-    /// returns the partitions `owner` holds for the next `ttl`.
+    /// Records `partitions` as the outbox's P at first start; fails with
+    /// [`PartitionMismatch`] (inside [`StoreError::Other`]) if another P was recorded.
+    async fn ensure_partitions(&self, partitions: i32) -> Result<(), StoreError>;
+    /// Heartbeats `relay`, rebalances partition leases evenly over the live relays and
+    /// returns what `relay` holds for the next `ttl`. Refuses an owner id another live
+    /// process is using, and a P other than the recorded one.
     async fn acquire_partitions(
         &self,
-        owner: &str,
+        relay: &RelayIdentity,
         partitions: i32,
         ttl: Duration,
-    ) -> Result<Vec<i32>, StoreError>;
-    /// Gives up every lease `owner` holds (graceful shutdown), so others take over at once.
-    async fn release_partitions(&self, owner: &str) -> Result<(), StoreError>;
-    /// The oldest `limit` rows of a partition in `seq` order, skipping aggregates that have a
-    /// dead letter (their later events wait).
-    async fn fetch_batch(&self, partition: i32, limit: i64) -> Result<Vec<OutboxRecord>, StoreError>;
-    /// Deletes published rows if `owner` still holds the partition's lease; returns how many.
-    async fn delete_published(&self, owner: &str, partition: i32, seqs: &[i64]) -> Result<u64, StoreError>;
-    /// Records a retriable failure and when to try again.
-    async fn record_failure(&self, seq: i64, error: &str, retry_in: Duration) -> Result<(), StoreError>;
-    /// Moves a row the broker rejected for good to the dead-letter table (lease checked).
-    async fn dead_letter(
+    ) -> Result<Membership, StoreError>;
+    /// Gives up every lease `relay` holds and leaves the membership (graceful shutdown,
+    /// fatal producer error), so others take over at once. A no-op for a process whose
+    /// owner id another live process holds.
+    async fn release_partitions(&self, relay: &RelayIdentity) -> Result<(), StoreError>;
+    /// In one statement, for each of `partitions`: up to `per_partition` rows, in `seq`
+    /// order, that are due at `now` and are the oldest pending event of their aggregate (no
+    /// earlier row of it in the outbox or the dead letters). Heads in backoff hold back
+    /// their own aggregate only.
+    async fn fetch_due(
         &self,
-        owner: &str,
-        partition: i32,
-        seq: i64,
-        error: &str,
-    ) -> Result<bool, StoreError>;
+        partitions: &[i32],
+        per_partition: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>, StoreError>;
+    /// Deletes, reschedules and dead-letters the rows of one pass in one statement, each
+    /// only while `owner` still holds its partition with the epoch in `leases`.
+    async fn settle(&self, owner: &str, leases: &[Lease], rows: &[Settlement])
+    -> Result<Settled, StoreError>;
     /// The oldest dead letters.
     async fn list_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>, StoreError>;
     /// Moves a dead letter back into the outbox at its original position; returns its
@@ -178,6 +280,9 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn replay_dead_letter(&self, seq: i64) -> Result<Option<i32>, StoreError>;
     /// Backlog figures.
     async fn stats(&self) -> Result<OutboxStats, StoreError>;
+    /// Moves every pending and dead-lettered row to `partition_of(aggregate_id, partitions)`
+    /// and records the new P; refuses while any relay is live. Returns the rows moved.
+    async fn repartition(&self, partitions: i32) -> Result<u64, StoreError>;
 }
 
 /// `stable_hash(aggregate_id) mod partitions`, with FNV-1a (32 bit) over the UTF-8 bytes:
@@ -197,6 +302,10 @@ pub fn partition_of(aggregate_id: &str, partitions: i32) -> i32 {
 pub struct Wakeup {
     /// Wakes the local relay (coalescing: many commits, one wake-up).
     local: Notify,
+    /// Asks the local relay to rebalance its leases now: another relay joined or let go.
+    rebalance: Notify,
+    /// Set with `rebalance`, taken by the relay's next pass.
+    rebalance_pending: AtomicBool,
     /// Partitions the local relay currently owns.
     owned: RwLock<HashSet<i32>>,
     /// Partitions to announce to relays in other processes; `None` without PostgreSQL.
@@ -206,7 +315,13 @@ pub struct Wakeup {
 impl Wakeup {
     /// A wake-up handle; `remote` feeds the cross-process notifier when there is one.
     pub fn new(remote: Option<mpsc::Sender<i32>>) -> Arc<Self> {
-        Arc::new(Self { local: Notify::new(), owned: RwLock::new(HashSet::new()), remote })
+        Arc::new(Self {
+            local: Notify::new(),
+            rebalance: Notify::new(),
+            rebalance_pending: AtomicBool::new(false),
+            owned: RwLock::new(HashSet::new()),
+            remote,
+        })
     }
 
     /// Called after a commit that wrote an outbox row in `partition`.
@@ -228,6 +343,22 @@ impl Wakeup {
     /// Waits until the local relay should look again.
     pub async fn notified(&self) {
         self.local.notified().await;
+    }
+
+    /// Relay membership changed somewhere (a relay joined, or released leases).
+    pub fn request_rebalance(&self) {
+        self.rebalance_pending.store(true, Ordering::Release);
+        self.rebalance.notify_one();
+    }
+
+    /// Whether a rebalance was requested since the last call.
+    pub fn take_rebalance(&self) -> bool {
+        self.rebalance_pending.swap(false, Ordering::AcqRel)
+    }
+
+    /// Waits until a rebalance is requested.
+    pub async fn rebalance_requested(&self) {
+        self.rebalance.notified().await;
     }
 
     /// Records which partitions the local relay owns.

@@ -14,6 +14,9 @@ use super::Wakeup;
 
 /// The notification channel.
 pub const CHANNEL: &str = "orders_outbox";
+/// Payload announcing that relay membership changed (a relay joined or let go of leases):
+/// every relay re-balances at once instead of at its next heartbeat.
+pub const REBALANCE: &str = "rebalance";
 
 /// Sends at most one `NOTIFY` per `window`, carrying every partition committed in it.
 pub async fn run_notifier(
@@ -60,10 +63,14 @@ pub async fn run_listener(pool: PgPool, wakeup: Arc<Wakeup>, stop: CancellationT
             tracing::debug!(error = %e, "LISTEN failed; retrying");
             continue;
         }
+        // Notifications sent while we were not listening are lost: look once, now.
+        wakeup.request_rebalance();
+        wakeup.wake_local();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 received = listener.recv() => match received {
+                    Ok(notification) if notification.payload() == REBALANCE => wakeup.request_rebalance(),
                     Ok(notification) => {
                         let partitions: Vec<i32> =
                             notification.payload().split(',').filter_map(|p| p.parse().ok()).collect();

@@ -1,17 +1,20 @@
 //! The relay: publishes outbox rows of the partitions it leases, in `seq` order per
 //! aggregate, and deletes them only after the broker acknowledged them.
 //!
-//! One pass ([`Relay::relay_once`]) renews leases when due, then publishes one batch from
-//! every owned partition together. A batch holds at most one event per aggregate (the
-//! oldest), so a failure can never let a later event of the same aggregate overtake an
-//! earlier one:
+//! One pass ([`Relay::relay_once`]) renews leases when due, fetches the due heads of every
+//! owned partition in one statement (at most one event per aggregate: its oldest), publishes
+//! them together and settles them in one statement. One event per aggregate per pass means
+//! a failure can never let a later event of the same aggregate overtake an earlier one:
 //! - retriable failure: the row gets an attempt, an error and a jittered next-attempt time;
 //!   its aggregate waits, other aggregates go on;
 //! - permanent failure: the row moves to `outbox_dead_letter`; its aggregate waits until it
-//!   is replayed.
+//!   is replayed;
+//! - fatal producer error: the relay releases its leases, rebuilds the producer and backs off.
+//!
+//! Waiting costs nothing: a pass that got no acknowledgement at all (broker unreachable)
+//! starts a backoff during which commits do not wake the relay; leases are still renewed.
 
 use std::{
-    collections::{BTreeMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,7 +23,7 @@ use chrono::{SecondsFormat, Utc};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{OutboxRecord, OutboxStore, Wakeup};
+use super::{Lease, OutboxRecord, OutboxStore, RelayIdentity, Settle, Settlement, Wakeup};
 use crate::{
     backoff::Backoff,
     metrics::Metrics,
@@ -41,7 +44,7 @@ pub struct RelaySettings {
     pub lease_ttl: Duration,
     /// Longest a publish may take; no batch starts with less lease time than this left.
     pub publish_timeout: Duration,
-    /// Retry delays for retriable failures.
+    /// Retry delays for retriable failures, per row and for the relay during an outage.
     pub backoff: Backoff,
     /// Destination topic.
     pub topic: String,
@@ -52,14 +55,23 @@ pub struct RelaySettings {
 /// What one pass did.
 #[derive(Debug, Default, Clone)]
 pub struct PassReport {
-    /// Rows published and deleted.
+    /// Rows the broker acknowledged.
     pub published: usize,
     /// Rows that failed retriably and will be tried again.
     pub retried: usize,
     /// Rows moved to the dead-letter table.
     pub dead_lettered: usize,
-    /// Partitions whose batch was full: there is more to do right away.
+    /// Rows whose settlement the lease no longer covered (another relay owns them now).
+    pub fenced: usize,
+    /// Partitions that returned a full batch of due heads: there is more to do right away.
     pub full_batches: usize,
+    /// Rows were attempted and the broker acknowledged none (unreachable, or a fatal
+    /// producer error): the run loop backs off instead of re-reading.
+    pub outage: bool,
+    /// The producer reported a fatal error; it was rebuilt and the leases released.
+    pub fatal: bool,
+    /// The earliest retry this pass scheduled, if any.
+    pub next_retry_in: Option<Duration>,
     /// Partitions owned during this pass.
     pub owned: Vec<i32>,
 }
@@ -67,7 +79,9 @@ pub struct PassReport {
 /// Lease state of this relay.
 #[derive(Debug, Default)]
 struct Leases {
-    owned: Vec<i32>,
+    held: Vec<Lease>,
+    /// What the last acquisition said this relay should hold.
+    fair_share: usize,
     /// No batch may start after this instant: the lease could have expired by its end.
     publish_until: Option<Instant>,
     renewed_at: Option<Instant>,
@@ -75,8 +89,8 @@ struct Leases {
 
 /// An outbox relay.
 pub struct Relay {
-    /// Unique id of this relay instance (lease owner).
-    owner: String,
+    /// Lease owner id and this process's instance.
+    identity: RelayIdentity,
     store: Arc<dyn OutboxStore>,
     publisher: Arc<dyn Publisher>,
     wakeup: Arc<Wakeup>,
@@ -88,7 +102,8 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A relay identified by `owner` (unique per process: pod name plus a random suffix).
+    /// A relay identified by `owner` (unique among live relays: pod name plus a random
+    /// suffix by default); the store refuses a second live process with the same owner.
     pub fn new(
         owner: String,
         store: Arc<dyn OutboxStore>,
@@ -98,7 +113,7 @@ impl Relay {
         settings: RelaySettings,
     ) -> Arc<Self> {
         Arc::new(Self {
-            owner,
+            identity: RelayIdentity { owner, instance: uuid::Uuid::new_v4() },
             store,
             publisher,
             wakeup,
@@ -111,64 +126,75 @@ impl Relay {
 
     /// This relay's lease owner id.
     pub fn owner(&self) -> &str {
-        &self.owner
+        &self.identity.owner
     }
 
     /// Renews and rebalances leases now; returns the partitions owned.
     pub async fn heartbeat(&self) -> Result<Vec<i32>, StoreError> {
         let mut leases = self.leases.lock().await;
+        self.wakeup.take_rebalance();
         self.renew(&mut leases).await?;
-        Ok(leases.owned.clone())
+        Ok(partitions(&leases.held))
+    }
+
+    /// Renewal is due every third of the TTL, at once when membership changed, and every
+    /// poll interval while this relay holds less than its fair share (others still have to
+    /// let go; without LISTEN there is no notification when they do).
+    fn renew_due(&self, leases: &Leases) -> bool {
+        let rebalance = self.wakeup.take_rebalance();
+        let Some(at) = leases.renewed_at else { return true };
+        let short = self.settings.poll_interval.min(self.settings.lease_ttl / 3);
+        rebalance
+            || at.elapsed() >= self.settings.lease_ttl / 3
+            || (leases.held.len() < leases.fair_share && at.elapsed() >= short)
     }
 
     async fn renew(&self, leases: &mut Leases) -> Result<(), StoreError> {
         let started = Instant::now();
-        let owned = self
+        let membership = self
             .store
-            .acquire_partitions(&self.owner, self.settings.partitions, self.settings.lease_ttl)
+            .acquire_partitions(&self.identity, self.settings.partitions, self.settings.lease_ttl)
             .await?;
         leases.publish_until =
             Some(started + self.settings.lease_ttl.saturating_sub(self.settings.publish_timeout));
         leases.renewed_at = Some(started);
+        leases.fair_share = membership.fair_share;
+        leases.held = membership.leases;
+        let owned = partitions(&leases.held);
         self.wakeup.set_owned(&owned);
         self.metrics.outbox_partitions_owned.set(owned.len() as i64);
-        leases.owned = owned;
+        self.metrics.outbox_relays_live.set(membership.live_relays as i64);
         Ok(())
     }
 
-    /// One pass: renew leases if due, fetch one batch per owned partition, publish them all
-    /// at once (one round of broker acknowledgements, however many partitions), then
-    /// settle each row: delete, schedule a retry, or dead-letter.
+    /// One pass: renew leases if due, fetch the due heads of every owned partition, publish
+    /// them all at once (one round of broker acknowledgements, however many partitions),
+    /// then settle every row in one statement: delete, schedule a retry, or dead-letter.
     pub async fn relay_once(&self) -> Result<PassReport, StoreError> {
+        self.metrics.outbox_relay_passes.inc();
         let mut leases = self.leases.lock().await;
-        let due = leases.renewed_at.is_none_or(|at| at.elapsed() >= self.settings.lease_ttl / 3);
-        if due {
+        if self.renew_due(&leases) {
             self.renew(&mut leases).await?;
         }
-        let mut report = PassReport { owned: leases.owned.clone(), ..PassReport::default() };
-        let mut batch = Vec::new();
-        for &partition in &leases.owned {
-            let rows = self.store.fetch_batch(partition, self.settings.batch_size).await?;
-            if rows.len() as i64 >= self.settings.batch_size {
-                report.full_batches += 1;
-            }
-            // The oldest row of each aggregate, and only if its backoff has elapsed.
-            let mut seen = HashSet::new();
-            batch.extend(
-                rows.into_iter()
-                    .filter(|r| seen.insert((r.aggregate_type.clone(), r.aggregate_id.clone())))
-                    .filter(|r| r.due)
-                    .map(|r| (partition, r)),
-            );
+        let owned = partitions(&leases.held);
+        let mut report = PassReport { owned: owned.clone(), ..PassReport::default() };
+        if owned.is_empty() {
+            return Ok(report);
         }
+        let rows = self.store.fetch_due(&owned, self.settings.batch_size, Utc::now()).await?;
+        report.full_batches = owned
+            .iter()
+            .filter(|&&p| rows.iter().filter(|r| r.partition == p).count() as i64 >= self.settings.batch_size)
+            .count();
         // Publishing must end before the lease can expire: renewal happens every ttl/3 and
         // ttl exceeds twice the publish timeout, so this only trips after a stall.
         if leases.publish_until.is_none_or(|t| Instant::now() >= t) {
-            tracing::warn!(owner = %self.owner, "lease too close to expiry after a stall; skipping this pass");
+            tracing::warn!(owner = %self.identity.owner, "lease too close to expiry after a stall; skipping this pass");
+            leases.renewed_at = None;
             return Ok(report);
         }
-        if !batch.is_empty() {
-            self.publish(batch, &mut report).await?;
+        if !rows.is_empty() {
+            self.publish(rows, &mut leases, &mut report).await?;
         }
         drop(leases);
         self.refresh_stats().await;
@@ -177,47 +203,79 @@ impl Relay {
 
     async fn publish(
         &self,
-        mut batch: Vec<(i32, OutboxRecord)>,
+        mut rows: Vec<OutboxRecord>,
+        leases: &mut Leases,
         report: &mut PassReport,
     ) -> Result<(), StoreError> {
-        let messages = batch.iter_mut().map(|(_, r)| self.message(r)).collect();
+        let messages = rows.iter_mut().map(|r| self.message(r)).collect();
         let results = self.publisher.publish(messages).await;
-        let mut published: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
-        for ((partition, row), result) in batch.iter().zip(results) {
-            match result {
+        let now = Utc::now();
+        let mut settlements = Vec::with_capacity(rows.len());
+        for (row, result) in rows.iter().zip(results) {
+            let outcome = match result {
                 Ok(()) => {
-                    published.entry(*partition).or_default().push(row.seq);
-                    let latency = (Utc::now() - row.created_at).to_std().unwrap_or_default();
+                    report.published += 1;
+                    let latency = (now - row.created_at).to_std().unwrap_or_default();
                     self.metrics.outbox_publish_latency.observe(latency.as_secs_f64());
-                }
-                Err(PublishError::Retriable(reason)) => {
-                    self.metrics.outbox_publish_errors.with_label_values(&["retriable"]).inc();
-                    let retry_in = self.settings.backoff.delay(row.attempts.max(0) as u32);
-                    tracing::warn!(seq = row.seq, attempts = row.attempts + 1, ?retry_in, %reason, "publish failed; will retry");
-                    self.store.record_failure(row.seq, &reason, retry_in).await?;
-                    report.retried += 1;
+                    Settle::Published
                 }
                 Err(PublishError::Permanent(reason)) => {
                     self.metrics.outbox_publish_errors.with_label_values(&["permanent"]).inc();
                     tracing::error!(seq = row.seq, aggregate_id = %row.aggregate_id, %reason, "publish rejected; dead-lettering");
-                    if self.store.dead_letter(&self.owner, *partition, row.seq, &reason).await? {
-                        report.dead_lettered += 1;
-                    }
+                    Settle::DeadLetter { error: reason }
                 }
-            }
+                Err(e @ (PublishError::Retriable(_) | PublishError::Fatal(_))) => {
+                    report.fatal |= matches!(e, PublishError::Fatal(_));
+                    self.metrics.outbox_publish_errors.with_label_values(&[e.kind()]).inc();
+                    let retry_in = self.settings.backoff.delay(row.attempts.max(0) as u32);
+                    report.next_retry_in = Some(report.next_retry_in.map_or(retry_in, |r| r.min(retry_in)));
+                    tracing::debug!(seq = row.seq, attempts = row.attempts + 1, ?retry_in, error = %e, "publish failed; will retry");
+                    let next_attempt_at = now + chrono::Duration::from_std(retry_in).unwrap_or_default();
+                    Settle::Retry { error: e.to_string(), next_attempt_at }
+                }
+            };
+            settlements.push(Settlement { seq: row.seq, partition: row.partition, outcome });
         }
-        for (partition, seqs) in published {
-            let deleted = self.store.delete_published(&self.owner, partition, &seqs).await?;
-            if (deleted as usize) < seqs.len() {
-                tracing::warn!(
-                    partition,
-                    "lease lost during publish; the new owner republishes (consumers dedupe by ce_id)"
-                );
-            }
-            self.metrics.outbox_published.inc_by(seqs.len() as u64);
-            report.published += seqs.len();
+        let attempted = settlements.len();
+        let settled = self.store.settle(&self.identity.owner, &leases.held, &settlements).await?;
+        report.retried = settled.retried as usize;
+        report.dead_lettered = settled.dead_lettered as usize;
+        report.fenced = attempted - (settled.published + settled.retried + settled.dead_lettered) as usize;
+        report.outage = report.published == 0 && report.dead_lettered == 0;
+        self.metrics.outbox_published.inc_by(report.published as u64);
+        if report.retried > 0 {
+            tracing::warn!(
+                failed = report.retried,
+                published = report.published,
+                "publish failures; retrying with backoff"
+            );
+        }
+        if report.fenced > 0 {
+            self.metrics.outbox_settle_fenced.inc_by(report.fenced as u64);
+            tracing::warn!(
+                rows = report.fenced,
+                "lease moved on during publish; the new owner republishes (consumers dedupe by ce_id)"
+            );
+            leases.renewed_at = None;
+        }
+        if report.fatal {
+            self.recover_from_fatal(leases).await;
         }
         Ok(())
+    }
+
+    /// A fatal producer error: let other replicas take the partitions while this one
+    /// rebuilds its producer, then rejoin at the next pass.
+    async fn recover_from_fatal(&self, leases: &mut Leases) {
+        self.metrics.outbox_producer_fatal.inc();
+        tracing::error!(owner = %self.identity.owner, "fatal producer error: releasing leases and rebuilding the producer");
+        self.give_up(leases).await;
+        if let Err(e) = self.publisher.recover().await {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "could not rebuild the producer; retrying after backoff"
+            );
+        }
     }
 
     /// The Kafka message for a row: key = aggregate id, CloudEvents binary-mode headers.
@@ -263,50 +321,99 @@ impl Relay {
         }
     }
 
-    /// Runs passes until `shutdown`: immediately again after a full batch, otherwise on a
-    /// wake-up or the poll interval. A panicking pass is logged and the loop goes on. On
-    /// shutdown the in-flight pass finishes, the producer is flushed and leases released.
+    /// Runs passes until `shutdown`: immediately again while work flows (a full batch, or
+    /// heads published whose successors may now be due), otherwise on a wake-up, the next
+    /// scheduled retry or the poll interval. After a pass the broker acknowledged nothing
+    /// of, or a failed pass, it backs off with jitter and ignores wake-ups. A panicking pass
+    /// is logged and the loop goes on. On shutdown the in-flight pass finishes, the
+    /// producer is flushed and leases released.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut failures = 0u32;
+        let (mut failures, mut outages) = (0u32, 0u32);
         loop {
             let relay = self.clone();
             let pass = tokio::spawn(async move { relay.relay_once().await });
-            let wait = match pass.await {
-                Ok(Ok(report)) if report.full_batches > 0 => {
+            let (wait, wake_on_commit) = match pass.await {
+                Ok(Ok(report)) if report.outage => {
                     failures = 0;
-                    Duration::ZERO
+                    outages += 1;
+                    (self.settings.backoff.delay(outages), false)
                 }
                 Ok(Ok(report)) => {
-                    failures = 0;
-                    if report.retried > 0 {
-                        self.settings.backoff.ceiling(0)
+                    (failures, outages) = (0, 0);
+                    let flowing = report.full_batches > 0 || report.published > 0 || report.dead_lettered > 0;
+                    let poll = self.settings.poll_interval;
+                    let wait = if flowing {
+                        Duration::ZERO
                     } else {
-                        self.settings.poll_interval
-                    }
+                        report.next_retry_in.map_or(poll, |r| r.min(poll))
+                    };
+                    (wait, true)
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = format!("{:#}", anyhow::Error::from(e)), "relay pass failed");
                     failures += 1;
-                    self.settings.backoff.delay(failures)
+                    (self.settings.backoff.delay(failures), false)
                 }
                 Err(join) => {
                     tracing::error!(error = %join, "relay pass panicked");
                     failures += 1;
-                    self.settings.backoff.delay(failures)
+                    (self.settings.backoff.delay(failures), false)
                 }
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wakeup.notified(), if wait > Duration::ZERO => {}
-                _ = tokio::time::sleep(wait) => {}
+            if !self.idle(wait, wake_on_commit, &shutdown).await {
+                break;
             }
         }
         self.publisher.flush(self.settings.publish_timeout).await;
-        if let Err(e) = self.store.release_partitions(&self.owner).await {
+        self.release().await;
+        tracing::info!(owner = %self.identity.owner, "relay stopped");
+    }
+
+    /// Gives every lease back and leaves the membership, so other relays take over at once
+    /// (graceful shutdown; tests use it to hand partitions over).
+    pub async fn release(&self) {
+        let mut leases = self.leases.lock().await;
+        self.give_up(&mut leases).await;
+    }
+
+    async fn give_up(&self, leases: &mut Leases) {
+        if let Err(e) = self.store.release_partitions(&self.identity).await {
             tracing::warn!(error = %e, "could not release leases; they expire on their own");
         }
+        *leases = Leases::default();
         self.wakeup.set_owned(&[]);
         self.metrics.outbox_partitions_owned.set(0);
-        tracing::info!(owner = %self.owner, "relay stopped");
     }
+
+    /// Waits `wait` (returning early on a commit wake-up if `wake_on_commit`, or on a
+    /// rebalance request), renewing leases meanwhile so a long backoff never lets them
+    /// lapse. `false` once `shutdown` fired.
+    async fn idle(&self, wait: Duration, wake_on_commit: bool, shutdown: &CancellationToken) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline {
+            let renew_at = tokio::time::Instant::now() + self.settings.lease_ttl / 3;
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = self.wakeup.notified(), if wake_on_commit => return true,
+                _ = self.wakeup.rebalance_requested(), if wake_on_commit => return true,
+                _ = self.wakeup.rebalance_requested(), if !wake_on_commit => self.heartbeat_logged().await,
+                _ = tokio::time::sleep_until(deadline.min(renew_at)) => {
+                    if tokio::time::Instant::now() < deadline {
+                        self.heartbeat_logged().await;
+                    }
+                }
+            }
+        }
+        !shutdown.is_cancelled()
+    }
+
+    async fn heartbeat_logged(&self) {
+        if let Err(e) = self.heartbeat().await {
+            tracing::warn!(error = format!("{:#}", anyhow::Error::from(e)), "lease renewal failed");
+        }
+    }
+}
+
+fn partitions(leases: &[Lease]) -> Vec<i32> {
+    leases.iter().map(|l| l.partition).collect()
 }

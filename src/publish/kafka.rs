@@ -2,17 +2,17 @@
 //! `enable.idempotence=true`), so librdkafka's own retries never duplicate or reorder
 //! messages within a partition.
 
-use std::time::Duration;
+use std::{sync::RwLock, time::Duration};
 
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::{
     ClientConfig,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
     client::DefaultClientContext,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord, Producer},
+    producer::{BaseProducer, FutureProducer, FutureRecord, Producer},
 };
 
 use super::{OutboundMessage, PublishError, Publisher};
@@ -53,12 +53,21 @@ impl KafkaSettings {
         config
     }
 
-    /// Creates the topics that do not exist yet (brokers without auto-creation, dev clusters).
-    pub async fn create_topics(&self, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+    /// Creates the topics that do not exist yet (brokers without auto-creation, dev
+    /// clusters) with `layout`, then checks every topic's `min.insync.replicas` against its
+    /// replication factor: with `acks=all`, a topic whose minimum exceeds its replica count
+    /// rejects every write, and that is refused here with a message saying so.
+    pub async fn create_topics(&self, topics: &[&str], layout: &TopicSettings) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> =
             self.client_config().create().context("creating the Kafka admin client")?;
-        let new: Vec<NewTopic> =
-            topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+        let min_isr = layout.min_isr().to_string();
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|t| {
+                NewTopic::new(t, layout.partitions, TopicReplication::Fixed(layout.replication))
+                    .set("min.insync.replicas", &min_isr)
+            })
+            .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         for result in admin.create_topics(&new, &options).await.context("creating Kafka topics")? {
             match result {
@@ -67,33 +76,150 @@ impl KafkaSettings {
                 Err((topic, code)) => anyhow::bail!("creating Kafka topic {topic}: {code}"),
             }
         }
+        check_min_insync(self.client_config(), &admin, topics, &options).await
+    }
+}
+
+/// How the service lays out the topics it creates (where no platform owns them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// Partitions per topic.
+    pub partitions: i32,
+    /// Replication factor (3 in production; 1 for a single dev broker).
+    pub replication: i32,
+    /// `min.insync.replicas`; `None` = replication − 1, at least 1, so `acks=all` survives
+    /// one broker down without acknowledging writes held by a single replica.
+    pub min_insync_replicas: Option<i32>,
+}
+
+impl TopicSettings {
+    /// The effective `min.insync.replicas`.
+    pub fn min_isr(&self) -> i32 {
+        self.min_insync_replicas.unwrap_or((self.replication - 1).max(1))
+    }
+
+    /// Refuses layouts that cannot work: the error names the variable.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=10_000).contains(&self.partitions) {
+            return Err(("APP_KAFKA__TOPIC_PARTITIONS", "must be between 1 and 10000".into()));
+        }
+        if !(1..=32).contains(&self.replication) {
+            return Err(("APP_KAFKA__TOPIC_REPLICATION", "must be between 1 and 32".into()));
+        }
+        if !(1..=self.replication).contains(&self.min_isr()) {
+            return Err((
+                "APP_KAFKA__TOPIC_MIN_INSYNC_REPLICAS",
+                format!(
+                    "must be between 1 and APP_KAFKA__TOPIC_REPLICATION ({}): with acks=all a larger minimum \
+                     rejects every write",
+                    self.replication
+                ),
+            ));
+        }
         Ok(())
     }
 }
 
+/// Fails if a topic's `min.insync.replicas` exceeds its replica count (every `acks=all`
+/// produce would fail with NOT_ENOUGH_REPLICAS); warns if it equals a replica count above
+/// one (any broker down stops writes). Brokers that cannot describe configs are skipped.
+async fn check_min_insync(
+    config: ClientConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[&str],
+    options: &AdminOptions,
+) -> anyhow::Result<()> {
+    let specifiers: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let configs = match admin.describe_configs(&specifiers, options).await {
+        Ok(configs) => configs,
+        Err(e) => {
+            tracing::debug!(error = %e, "broker cannot describe topic configs; min.insync.replicas not checked");
+            return Ok(());
+        }
+    };
+    // Metadata reads block: one client, off the async threads.
+    let names: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    let replicas: Vec<Option<usize>> = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let client: BaseProducer = config.create().context("creating a Kafka metadata client")?;
+        names
+            .iter()
+            .map(|topic| {
+                let metadata = client
+                    .client()
+                    .fetch_metadata(Some(topic), Duration::from_secs(10))
+                    .with_context(|| format!("reading metadata of Kafka topic {topic}"))?;
+                Ok(metadata
+                    .topics()
+                    .first()
+                    .and_then(|t| t.partitions().iter().map(|p| p.replicas().len()).min()))
+            })
+            .collect()
+    })
+    .await
+    .context("metadata task")??;
+    for ((topic, config), replicas) in topics.iter().zip(configs).zip(replicas) {
+        let Some(min_isr) = config
+            .ok()
+            .and_then(|c| c.get("min.insync.replicas").and_then(|e| e.value.clone()))
+            .and_then(|v| v.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let Some(replicas) = replicas else { continue };
+        if min_isr > replicas {
+            anyhow::bail!(
+                "Kafka topic {topic} has min.insync.replicas={min_isr} but only {replicas} replica(s): every \
+                 acks=all write to it fails; lower min.insync.replicas or add replicas"
+            );
+        }
+        if min_isr == replicas && replicas > 1 {
+            tracing::warn!(
+                topic,
+                min_isr,
+                replicas,
+                "min.insync.replicas equals the replica count: one broker down stops writes"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The Kafka publisher.
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    /// The producer's configuration, kept to rebuild it after a fatal error.
+    config: ClientConfig,
+    /// Swapped by [`Publisher::recover`]; cloned (an `Arc` inside) for each batch, so the
+    /// lock is never held across I/O.
+    producer: RwLock<FutureProducer>,
 }
 
 impl KafkaPublisher {
     /// Builds the idempotent producer (connections are made lazily by librdkafka).
     pub fn new(settings: &KafkaSettings) -> anyhow::Result<Self> {
-        let producer = settings
-            .client_config()
+        let mut config = settings.client_config();
+        config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", settings.message_timeout.as_millis().to_string())
-            .set("message.max.bytes", settings.message_max_bytes.to_string())
-            .create()
-            .context("creating the Kafka producer (check APP_KAFKA__*)")?;
-        Ok(Self { producer })
+            .set("message.max.bytes", settings.message_max_bytes.to_string());
+        let producer = config.create().context("creating the Kafka producer (check APP_KAFKA__*)")?;
+        Ok(Self { config, producer: RwLock::new(producer) })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        match self.producer.read() {
+            Ok(producer) => producer.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 }
 
 /// Errors that no retry can fix: the record itself is unacceptable.
 fn classify(err: &KafkaError) -> PublishError {
+    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+        return PublishError::Fatal(err.to_string());
+    }
     let permanent = matches!(
         err.rdkafka_error_code(),
         Some(
@@ -114,6 +240,7 @@ fn classify(err: &KafkaError) -> PublishError {
 #[async_trait]
 impl Publisher for KafkaPublisher {
     async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>> {
+        let producer = self.producer();
         // Enqueue everything first so the batch is in flight concurrently, then collect
         // the acknowledgements in order.
         let mut pending = Vec::with_capacity(messages.len());
@@ -124,7 +251,7 @@ impl Publisher for KafkaPublisher {
                 });
             let record =
                 FutureRecord::to(&m.topic).key(m.key.as_bytes()).payload(&m.payload).headers(headers);
-            pending.push(self.producer.send_result(record).map_err(|(e, _)| classify(&e)));
+            pending.push(producer.send_result(record).map_err(|(e, _)| classify(&e)));
         }
         let mut results = Vec::with_capacity(pending.len());
         for delivery in pending {
@@ -137,11 +264,33 @@ impl Publisher for KafkaPublisher {
                 },
             });
         }
+        // With idempotence on, librdkafka can enter a fatal state in which every message
+        // fails; the per-message errors do not always say so, the client does.
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            let fatal = PublishError::Fatal(format!("{code}: {reason}"));
+            for result in &mut results {
+                if result.is_err() {
+                    *result = Err(fatal.clone());
+                }
+            }
+        }
         results
     }
 
     async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+    }
+
+    async fn recover(&self) -> anyhow::Result<()> {
+        let fresh: FutureProducer =
+            self.config.create().context("re-creating the Kafka producer after a fatal error")?;
+        let old = match self.producer.write() {
+            Ok(mut producer) => std::mem::replace(&mut *producer, fresh),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
+        };
+        // Dropping a producer purges its queue; do it off the async threads.
+        tokio::task::spawn_blocking(move || drop(old)).await.context("dropping the failed producer")?;
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use kafka::{KafkaPublisher, KafkaSettings};
+pub use kafka::{KafkaPublisher, KafkaSettings, TopicSettings};
 pub use memory::{BusRecord, InMemoryBus};
 
 /// One message to publish.
@@ -34,6 +34,11 @@ pub enum PublishError {
     /// Will never succeed as is (message too large, invalid record): dead-letter it.
     #[error("permanent: {0}")]
     Permanent(String),
+    /// The producer itself is broken for good (librdkafka's fatal error state, e.g. an
+    /// idempotence sequence desync): nothing it sends will succeed until
+    /// [`Publisher::recover`] rebuilds it. The message is retried afterwards.
+    #[error("fatal producer error: {0}")]
+    Fatal(String),
 }
 
 impl PublishError {
@@ -42,6 +47,7 @@ impl PublishError {
         match self {
             Self::Retriable(_) => "retriable",
             Self::Permanent(_) => "permanent",
+            Self::Fatal(_) => "fatal",
         }
     }
 }
@@ -54,4 +60,8 @@ pub trait Publisher: Send + Sync + 'static {
     async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>>;
     /// Waits for anything still in flight (graceful shutdown).
     async fn flush(&self, timeout: Duration);
+    /// Replaces a producer that reported [`PublishError::Fatal`] with a fresh one.
+    async fn recover(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }

@@ -106,7 +106,7 @@ mod sqlite_outbox;
 
 use sql::{ORDER_COLUMNS, Sql};
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -122,7 +122,8 @@ use crate::{
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-/// Why a storage call failed, classified for the error table.
+/// Why a storage call failed, classified so callers can tell "try again later" (the
+/// database), "try this again" (this transaction) and "never" (this data) apart.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An optimistic-concurrency check failed: someone else changed the row first.
@@ -131,12 +132,58 @@ pub enum StoreError {
     /// A unique constraint rejected a write; carries the constraint (index) name.
     #[error("unique constraint {0} violated")]
     UniqueViolation(String),
-    /// The database is unreachable, overloaded or timed out; retrying later may succeed.
+    /// The database is unreachable or overloaded (connection failures, pool exhausted,
+    /// shutting down): not this request's fault; retrying later may succeed.
     #[error("database unavailable")]
     Unavailable(#[source] anyhow::Error),
-    /// Anything else (a bug, corrupt data, a constraint we did not expect).
+    /// This transaction lost: serialization failure, deadlock, lock or statement timeout.
+    /// Running it again may succeed, but a message that keeps failing this way is stuck.
+    #[error("transaction aborted")]
+    Aborted(#[source] anyhow::Error),
+    /// The database refused the data itself (invalid values such as a NUL character or a
+    /// number out of range, a violated check): no retry can succeed.
+    #[error("the database rejected the data")]
+    Rejected(#[source] anyhow::Error),
+    /// Anything else (a bug, corrupt data, a schema mismatch).
     #[error("database error")]
     Other(#[source] anyhow::Error),
+}
+
+/// What a failure says about retrying.
+#[derive(Clone, Copy)]
+enum Retry {
+    Later,
+    Again,
+    Never,
+}
+
+/// What a database error code says about retrying. PostgreSQL SQLSTATE classes: 08
+/// connection, 53 insufficient resources, 57P0x shutdown → unavailable; 40 rollback
+/// (serialization, deadlock), 55P03 lock not available, 57014 statement timeout → aborted;
+/// 22 data exception, 23 integrity → rejected. SQLite primary codes: 5 BUSY, 6 LOCKED →
+/// aborted; 18 TOOBIG, 19 CONSTRAINT, 20 MISMATCH → rejected.
+fn classify(code: &str) -> Option<Retry> {
+    if let Ok(sqlite) = code.parse::<u32>() {
+        return match sqlite & 0xff {
+            5 | 6 => Some(Retry::Again),
+            18..=20 => Some(Retry::Never),
+            _ => None,
+        };
+    }
+    match code {
+        "57014" | "55P03" => Some(Retry::Again),
+        c if c.starts_with("40") => Some(Retry::Again),
+        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => Some(Retry::Later),
+        c if c.starts_with("22") || c.starts_with("23") => Some(Retry::Never),
+        _ => None,
+    }
+}
+
+impl StoreError {
+    /// Whether running the same transaction again later can succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::Conflict | Self::Unavailable(_) | Self::Aborted(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -144,23 +191,22 @@ impl From<sqlx::Error> for StoreError {
         if let Some(constraint) = unique_constraint(&err) {
             return Self::UniqueViolation(constraint);
         }
-        let transient = match &err {
+        let retry = match &err {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_) => true,
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                // Postgres: connection exceptions (08), insufficient resources (53),
-                // operator intervention such as admin shutdown (57). SQLite: BUSY, LOCKED.
-                code.starts_with("08")
-                    || code.starts_with("53")
-                    || code.starts_with("57")
-                    || code == "5"
-                    || code == "6"
-            }),
-            _ => false,
+            | sqlx::Error::Tls(_) => Some(Retry::Later),
+            sqlx::Error::Database(db) => db.code().and_then(|code| classify(&code)),
+            // sqlx refused to encode a value for its column type.
+            sqlx::Error::Encode(_) => Some(Retry::Never),
+            _ => None,
         };
-        if transient { Self::Unavailable(err.into()) } else { Self::Other(err.into()) }
+        match retry {
+            Some(Retry::Later) => Self::Unavailable(err.into()),
+            Some(Retry::Again) => Self::Aborted(err.into()),
+            Some(Retry::Never) => Self::Rejected(err.into()),
+            None => Self::Other(err.into()),
+        }
     }
 }
 
@@ -210,8 +256,9 @@ pub trait Store: OutboxStore {
     async fn list_rejections(&self, limit: i64) -> Result<Vec<Rejection>, StoreError>;
     /// The order bound to a scoped Idempotency-Key, with the bound fingerprint and expiry.
     async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<IdempotentOrder>, StoreError>;
-    /// Unbinds an expired key from its order, so the key can be used again.
-    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError>;
+    /// Unbinds `key` from its order if the binding lapsed by `now`, so the key can be used
+    /// again; `false` if it is still live (a concurrent retry re-bound it first).
+    async fn release_idempotency_key(&self, key: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
 }
 
 /// An order found by its Idempotency-Key (the PostgreSQL backstop).
@@ -256,30 +303,52 @@ pub trait Tx: Send {
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
-/// An opened store, plus the PostgreSQL pool when there is one (for LISTEN/NOTIFY).
-pub struct Connected {
-    /// The storage port.
-    pub store: Arc<dyn Store>,
-    /// `Some` for PostgreSQL.
-    pub pg_pool: Option<sqlx::PgPool>,
+/// The stores the roles use. On PostgreSQL each role has its own pool (sizes in
+/// [`DatabaseSettings`]), so a busy inbox or a relay catching up cannot take the
+/// connections the API needs; pools connect lazily, so a role that does not run costs
+/// nothing. SQLite has one pool for everything (it has one writer anyway).
+#[derive(Clone)]
+pub struct Stores {
+    /// REST, gRPC, readiness and the admin API.
+    pub api: Arc<dyn Store>,
+    /// The outbox relay.
+    pub relay: Arc<dyn Store>,
+    /// The inbox consumer.
+    pub inbox: Arc<dyn Store>,
+    /// LISTEN/NOTIFY wake-ups (PostgreSQL only): one listener, one notifier connection.
+    pub notify_pool: Option<sqlx::PgPool>,
 }
 
-/// Opens the store named by the URL's scheme.
-pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<Connected> {
+/// Opens the stores named by the URL's scheme.
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<Stores> {
     let url = settings.url.expose();
     if url.starts_with("sqlite:") {
-        return Ok(Connected { store: Arc::new(SqliteStore::connect(settings).await?), pg_pool: None });
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(settings).await?);
+        return Ok(Stores { api: store.clone(), relay: store.clone(), inbox: store, notify_pool: None });
     }
-    let store = PostgresStore::connect(settings)?;
-    Ok(Connected { pg_pool: Some(store.pool().clone()), store: Arc::new(store) })
+    let pool = |role: &str, size: u32| PostgresStore::connect(settings, role, size);
+    Ok(Stores {
+        api: Arc::new(pool("api", settings.max_connections)?),
+        relay: Arc::new(pool("relay", settings.relay_max_connections)?),
+        inbox: Arc::new(pool("inbox", settings.inbox_max_connections)?),
+        notify_pool: Some(pool("notify", 2)?.pool().clone()),
+    })
 }
 
 /// `orders-service migrate`: applies migrations and exits.
 pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
-    connect(settings).await?.store.migrate().await.context("applying migrations")?;
+    connect(settings).await?.api.migrate().await.context("applying migrations")?;
     tracing::info!("migrations applied");
     Ok(())
 }
 
-/// How long a single statement may take before the pool gives the connection up.
-const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `orders-service outbox repartition`: moves every outbox row and dead letter to the
+/// partition `APP_OUTBOX__PARTITIONS` gives it and records the new P. Refuses while any
+/// relay is live.
+pub async fn repartition(settings: &DatabaseSettings, partitions: i32) -> anyhow::Result<()> {
+    let store = connect(settings).await?.api;
+    store.migrate().await.context("applying migrations")?;
+    let moved = store.repartition(partitions).await.context("repartitioning the outbox")?;
+    tracing::info!(partitions, moved, "outbox repartitioned");
+    Ok(())
+}

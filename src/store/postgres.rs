@@ -1,17 +1,17 @@
 //! PostgreSQL adapter: the production store, shared by every replica.
 
-use std::str::FromStr;
+use std::{str::FromStr, time::Duration};
 
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{
-    PgPool, Postgres, Transaction,
+    ConnectOptions, PgPool, Postgres, Transaction,
     migrate::Migrator,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use super::{IdempotentOrder, ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx};
+use super::{IdempotentOrder, ORDER_COLUMNS, Store, StoreError, Tx};
 
 /// The portable statements, for this database.
 type Sql = super::Sql<Postgres>;
@@ -23,20 +23,24 @@ use crate::{
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The PostgreSQL store.
+/// The PostgreSQL store: one pool, for one role.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// How long `migrate` waits for a lock (another replica migrating, a long transaction
+    /// on a table a migration alters) before failing with a message naming the holders.
+    migration_lock_timeout: Duration,
 }
 
 impl PostgresStore {
-    /// Builds a lazily connecting pool: the service starts (and reports unready) while the
-    /// database is still coming up, instead of crash-looping.
-    pub fn connect(settings: &DatabaseSettings) -> anyhow::Result<Self> {
-        let statement_timeout = format!("{}ms", STATEMENT_TIMEOUT.as_millis());
+    /// Builds a lazily connecting pool of at most `max_connections`, named
+    /// `orders-service/<role>` in `pg_stat_activity`: the service starts (and reports
+    /// unready) while the database is still coming up, instead of crash-looping.
+    pub fn connect(settings: &DatabaseSettings, role: &str, max_connections: u32) -> anyhow::Result<Self> {
+        let statement_timeout = format!("{}ms", settings.statement_timeout.as_millis());
         let options = PgConnectOptions::from_str(settings.url.expose())
             .context("APP_DATABASE__URL is not a valid postgres URL")?
-            .application_name("orders-service")
+            .application_name(&format!("orders-service/{role}"))
             .options([
                 ("statement_timeout", statement_timeout.as_str()),
                 // Every transaction here lasts milliseconds: a session idle inside one for
@@ -44,10 +48,10 @@ impl PostgresStore {
                 ("idle_in_transaction_session_timeout", "30s"),
             ]);
         let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
+            .max_connections(max_connections)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self { pool, migration_lock_timeout: settings.migration_lock_timeout })
     }
 
     /// The underlying pool, for tests and metrics.
@@ -129,12 +133,47 @@ impl Store for PostgresStore {
         Sql::find_by_idempotency_key(&self.pool, key).await
     }
 
-    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError> {
-        Sql::release_idempotency_key(&self.pool, key).await
+    async fn release_idempotency_key(&self, key: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        Sql::release_idempotency_key(&self.pool, key, now).await
     }
 
+    /// Runs on a connection of its own without the pool's statement timeout (a big
+    /// `CREATE INDEX` may take minutes, and waiting behind another replica's migration is
+    /// normal), but with a lock timeout that names what it waited for.
     async fn migrate(&self) -> anyhow::Result<()> {
-        MIGRATOR.run(&self.pool).await.context("running postgres migrations")
+        let lock_timeout = format!("{}ms", self.migration_lock_timeout.as_millis());
+        let options = (*self.pool.connect_options())
+            .clone()
+            .application_name("orders-service/migrate")
+            .options([("statement_timeout", "0"), ("lock_timeout", lock_timeout.as_str())]);
+        let mut conn = options.connect().await.context("connecting to run migrations")?;
+        let result = MIGRATOR.run_direct(&mut conn).await;
+        let Err(e) = result else { return Ok(()) };
+        let lock_timed_out = matches!(&e, sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("55P03"));
+        if !lock_timed_out {
+            return Err(anyhow::Error::new(e).context("running postgres migrations"));
+        }
+        let holders: Vec<(i32, String, String, String)> = sqlx::query_as(
+            "SELECT DISTINCT a.pid, a.application_name, coalesce(a.state, ''), left(coalesce(a.query, ''), 120)
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.granted AND a.datname = current_database() AND a.pid <> pg_backend_pid()
+               AND l.locktype IN ('advisory', 'relation')
+             ORDER BY a.pid LIMIT 5",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_default();
+        let holders: Vec<String> = holders
+            .iter()
+            .map(|(pid, app, state, query)| format!("pid {pid} ({app}, {state}): {query}"))
+            .collect();
+        Err(anyhow::Error::new(e).context(format!(
+            "migrations waited longer than APP_DATABASE__MIGRATION_LOCK_TIMEOUT_MS ({lock_timeout}) for a lock \
+             (another replica migrating, or a long transaction on a table being altered); sessions holding \
+             locks: {}",
+            if holders.is_empty() { "none found".to_owned() } else { holders.join("; ") }
+        )))
     }
 }
 

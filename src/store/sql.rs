@@ -6,7 +6,7 @@
 //! the column types sqlx must bind and decode for a database; the adapters call them as
 //! `Sql::<Postgres>::…` / `Sql::<Sqlite>::…`.
 
-use std::{marker::PhantomData, time::Duration};
+use std::marker::PhantomData;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,22 @@ pub(super) struct ItemRecord {
 /// Columns selected by every order query, in the order [`Sql::decode_order`] expects them.
 pub(super) const ORDER_COLUMNS: &str = "id, customer_id, items, currency, total_minor, status, note, created_at, \
                                         updated_at, version, payment_id, payment_failure";
-const OUTBOX_COLUMNS: &str = "seq, message_id, aggregate_type, aggregate_id, event_type, payload, traceparent, \
-                              tracestate, created_at, attempts, next_attempt_at";
+pub(super) const OUTBOX_COLUMNS: &str = "seq, partition, message_id, aggregate_type, aggregate_id, event_type, \
+                                         payload, traceparent, tracestate, created_at, attempts";
+
+/// The relay's fetch condition on an outbox row `o`, with the relay's clock as parameter
+/// `now`: its backoff has elapsed and it is the oldest pending event of its aggregate
+/// (nothing earlier waits in the outbox or the dead letters). Both probes use
+/// `(aggregate_type, aggregate_id, seq)` indexes.
+pub(super) fn due_head(now: &str) -> String {
+    format!(
+        "o.next_attempt_at <= {now}
+         AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_type = o.aggregate_type
+                         AND e.aggregate_id = o.aggregate_id AND e.seq < o.seq)
+         AND NOT EXISTS (SELECT 1 FROM outbox_dead_letter d WHERE d.aggregate_type = o.aggregate_type
+                         AND d.aggregate_id = o.aggregate_id AND d.seq < o.seq)"
+    )
+}
 const DEAD_LETTER_COLUMNS: &str = "seq, message_id, aggregate_type, aggregate_id, event_type, \
                                    length(payload) AS payload_bytes, attempts, error, created_at, dead_at";
 
@@ -141,15 +155,19 @@ where
 
     // ----- outbox -----
 
-    /// Appends an outbox row.
+    /// Appends an outbox row, unless the outbox records another partition count than the
+    /// one the row's partition was computed with (then nothing is inserted and the write
+    /// fails: a stale replica must not strand rows in partitions no relay reads).
     pub(super) async fn insert_outbox<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         event: &NewOutboxEvent,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let inserted: Option<i32> = sqlx::query_scalar(
             "INSERT INTO outbox (message_id, partition, aggregate_type, aggregate_id, event_type, payload,
                                  traceparent, tracestate, created_at, next_attempt_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $9
+             WHERE NOT EXISTS (SELECT 1 FROM outbox_meta WHERE partitions <> $10)
+             RETURNING 1",
         )
         .bind(event.message_id)
         .bind(event.partition)
@@ -160,31 +178,24 @@ where
         .bind(event.trace.traceparent.clone())
         .bind(event.trace.tracestate.clone())
         .bind(event.created_at)
-        .execute(executor)
+        .bind(event.partitions)
+        .fetch_optional(executor)
         .await?;
+        if inserted.is_none() {
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "the outbox partition count changed; this replica still computes partitions with \
+                 APP_OUTBOX__PARTITIONS={} and must be restarted with the recorded value",
+                event.partitions
+            )));
+        }
         Ok(())
     }
 
-    /// The oldest `limit` rows of a partition, skipping aggregates that have a dead letter.
-    pub(super) async fn fetch_batch<'e, E: Executor<'e, Database = DB>>(
-        executor: E,
-        partition: i32,
-        limit: i64,
-    ) -> Result<Vec<OutboxRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {OUTBOX_COLUMNS} FROM outbox o WHERE partition = $1
-               AND NOT EXISTS (SELECT 1 FROM outbox_dead_letter d
-                               WHERE d.aggregate_type = o.aggregate_type AND d.aggregate_id = o.aggregate_id)
-             ORDER BY seq LIMIT $2"
-        );
-        let rows = sqlx::query(&sql).bind(partition).bind(limit).fetch_all(executor).await?;
-        rows.iter().map(Self::decode_outbox).collect()
-    }
-
-    fn decode_outbox(row: &DB::Row) -> Result<OutboxRecord, StoreError> {
-        let next_attempt_at: DateTime<Utc> = row.try_get("next_attempt_at")?;
+    /// Decodes an outbox row selected with [`OUTBOX_COLUMNS`].
+    pub(super) fn decode_outbox(row: &DB::Row) -> Result<OutboxRecord, StoreError> {
         Ok(OutboxRecord {
             seq: row.try_get("seq")?,
+            partition: row.try_get("partition")?,
             message_id: row.try_get("message_id")?,
             aggregate_type: row.try_get("aggregate_type")?,
             aggregate_id: row.try_get("aggregate_id")?,
@@ -196,26 +207,7 @@ where
             },
             created_at: row.try_get("created_at")?,
             attempts: row.try_get("attempts")?,
-            due: next_attempt_at <= Utc::now(),
         })
-    }
-
-    /// Records a failed publish attempt and when to retry (application clock).
-    pub(super) async fn record_failure<'e, E: Executor<'e, Database = DB>>(
-        executor: E,
-        seq: i64,
-        error: &str,
-        retry_in: Duration,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 WHERE seq = $1",
-        )
-        .bind(seq)
-        .bind(error.to_owned())
-        .bind(Utc::now() + retry_in)
-        .execute(executor)
-        .await?;
-        Ok(())
     }
 
     /// The oldest `limit` dead letters.
@@ -415,19 +407,23 @@ where
         }))
     }
 
-    /// Unbinds `key` (after its retention lapsed).
+    /// Unbinds `key` if its binding lapsed by `now`; `false` if it is still (or again)
+    /// live. The condition matters: two retries that both saw the expired binding must not
+    /// unbind the fresh one the first of them just made.
     pub(super) async fn release_idempotency_key<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         key: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let released: Option<i32> = sqlx::query_scalar(
             "UPDATE orders SET idempotency_key = NULL, idempotency_fingerprint = NULL, idempotency_expires_at = NULL
-             WHERE idempotency_key = $1",
+             WHERE idempotency_key = $1 AND idempotency_expires_at <= $2 RETURNING 1",
         )
         .bind(key.to_owned())
-        .execute(executor)
+        .bind(now)
+        .fetch_optional(executor)
         .await?;
-        Ok(())
+        Ok(released.is_some())
     }
 }
 

@@ -14,7 +14,7 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
-use super::{IdempotentOrder, ORDER_COLUMNS, STATEMENT_TIMEOUT, Store, StoreError, Tx};
+use super::{IdempotentOrder, ORDER_COLUMNS, Store, StoreError, Tx};
 
 /// The portable statements, for this database.
 type Sql = super::Sql<Sqlite>;
@@ -40,7 +40,7 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(STATEMENT_TIMEOUT);
+            .busy_timeout(settings.statement_timeout);
         if let Some(dir) = options.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating database directory {}", dir.display()))?;
@@ -119,8 +119,8 @@ impl Store for SqliteStore {
         Sql::find_by_idempotency_key(&self.pool, key).await
     }
 
-    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError> {
-        Sql::release_idempotency_key(&self.pool, key).await
+    async fn release_idempotency_key(&self, key: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        Sql::release_idempotency_key(&self.pool, key, now).await
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {

@@ -1,80 +1,126 @@
 //! The outbox on SQLite. SQLite serves exactly one process, so that process's relay owns
 //! every partition and no leases are needed; ordering, retries and dead-lettering behave
-//! as on PostgreSQL.
+//! as on PostgreSQL. Settling loops over rows inside one `BEGIN IMMEDIATE` transaction:
+//! statements are in-process calls here, not round trips.
 
 use std::time::Duration;
 
+use anyhow::anyhow;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{SqliteStore, StoreError};
+use super::{
+    SqliteStore, StoreError,
+    sql::{OUTBOX_COLUMNS, due_head},
+};
 
 /// The portable statements, for this database.
 type Sql = super::Sql<sqlx::Sqlite>;
-use crate::outbox::{DeadLetter, OutboxRecord, OutboxStats, OutboxStore};
+use crate::outbox::{
+    DeadLetter, Lease, Membership, OutboxRecord, OutboxStats, OutboxStore, PartitionMismatch, RelayIdentity,
+    Settle, Settled, Settlement, partition_of,
+};
 
 const MOVE_COLUMNS: &str = "seq, message_id, partition, aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate, created_at";
 
 #[async_trait]
 impl OutboxStore for SqliteStore {
-    async fn acquire_partitions(
-        &self,
-        _owner: &str,
-        partitions: i32,
-        _ttl: Duration,
-    ) -> Result<Vec<i32>, StoreError> {
-        Ok((0..partitions).collect())
-    }
-
-    async fn release_partitions(&self, _owner: &str) -> Result<(), StoreError> {
+    async fn ensure_partitions(&self, partitions: i32) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO outbox_meta (singleton, partitions) VALUES (1, $1) ON CONFLICT DO NOTHING")
+            .bind(partitions)
+            .execute(self.pool())
+            .await?;
+        let stored: i32 =
+            sqlx::query_scalar("SELECT partitions FROM outbox_meta").fetch_one(self.pool()).await?;
+        if stored != partitions {
+            return Err(StoreError::Other(PartitionMismatch { configured: partitions, stored }.into()));
+        }
         Ok(())
     }
 
-    async fn fetch_batch(&self, partition: i32, limit: i64) -> Result<Vec<OutboxRecord>, StoreError> {
-        Sql::fetch_batch(self.pool(), partition, limit).await
+    async fn acquire_partitions(
+        &self,
+        _relay: &RelayIdentity,
+        partitions: i32,
+        _ttl: Duration,
+    ) -> Result<Membership, StoreError> {
+        self.ensure_partitions(partitions).await?;
+        Ok(Membership {
+            leases: (0..partitions).map(|partition| Lease { partition, epoch: 0 }).collect(),
+            live_relays: 1,
+            fair_share: partitions as usize,
+        })
     }
 
-    async fn delete_published(&self, _owner: &str, partition: i32, seqs: &[i64]) -> Result<u64, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let mut deleted = 0;
-        for seq in seqs {
-            let result = sqlx::query("DELETE FROM outbox WHERE seq = $1 AND partition = $2")
-                .bind(seq)
-                .bind(partition)
-                .execute(&mut *tx)
-                .await?;
-            deleted += result.rows_affected();
-        }
-        tx.commit().await?;
-        Ok(deleted)
+    async fn release_partitions(&self, _relay: &RelayIdentity) -> Result<(), StoreError> {
+        Ok(())
     }
 
-    async fn record_failure(&self, seq: i64, error: &str, retry_in: Duration) -> Result<(), StoreError> {
-        Sql::record_failure(self.pool(), seq, error, retry_in).await
+    async fn fetch_due(
+        &self,
+        partitions: &[i32],
+        per_partition: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>, StoreError> {
+        // The one relay owns every partition: one statement numbers each partition's heads.
+        let sql = format!(
+            "SELECT * FROM (
+                SELECT {OUTBOX_COLUMNS}, row_number() OVER (PARTITION BY partition ORDER BY seq) AS rank
+                FROM outbox o WHERE {}
+             ) WHERE rank <= $1 ORDER BY seq",
+            due_head("$2")
+        );
+        let rows = sqlx::query(&sql).bind(per_partition).bind(now).fetch_all(self.pool()).await?;
+        let rows = rows.iter().map(Sql::decode_outbox).collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().filter(|r| partitions.contains(&r.partition)).collect())
     }
 
-    async fn dead_letter(
+    async fn settle(
         &self,
         _owner: &str,
-        partition: i32,
-        seq: i64,
-        error: &str,
-    ) -> Result<bool, StoreError> {
+        _leases: &[Lease],
+        rows: &[Settlement],
+    ) -> Result<Settled, StoreError> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let moved = sqlx::query(&format!(
-            "INSERT INTO outbox_dead_letter ({MOVE_COLUMNS}, attempts, error, dead_at)
-             SELECT {MOVE_COLUMNS}, attempts + 1, $3, $4 FROM outbox WHERE seq = $1 AND partition = $2"
-        ))
-        .bind(seq)
-        .bind(partition)
-        .bind(error)
-        .bind(Utc::now())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("DELETE FROM outbox WHERE seq = $1").bind(seq).execute(&mut *tx).await?;
+        let mut settled = Settled::default();
+        for row in rows {
+            match &row.outcome {
+                Settle::Published => {
+                    settled.published += sqlx::query("DELETE FROM outbox WHERE seq = $1")
+                        .bind(row.seq)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                Settle::Retry { error, next_attempt_at } => {
+                    settled.retried += sqlx::query(
+                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3
+                         WHERE seq = $1",
+                    )
+                    .bind(row.seq)
+                    .bind(error.as_str())
+                    .bind(*next_attempt_at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                Settle::DeadLetter { error } => {
+                    settled.dead_lettered += sqlx::query(&format!(
+                        "INSERT INTO outbox_dead_letter ({MOVE_COLUMNS}, attempts, error, dead_at)
+                         SELECT {MOVE_COLUMNS}, attempts + 1, $2, $3 FROM outbox WHERE seq = $1"
+                    ))
+                    .bind(row.seq)
+                    .bind(error.as_str())
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    sqlx::query("DELETE FROM outbox WHERE seq = $1").bind(row.seq).execute(&mut *tx).await?;
+                }
+            }
+        }
         tx.commit().await?;
-        Ok(moved == 1)
+        Ok(settled)
     }
 
     async fn list_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
@@ -105,5 +151,40 @@ impl OutboxStore for SqliteStore {
         .await?;
         let oldest_age_seconds = oldest.map_or(0.0, |t| (Utc::now() - t).as_seconds_f64().max(0.0));
         Ok(OutboxStats { pending, oldest_age_seconds, dead_letters })
+    }
+
+    async fn repartition(&self, partitions: i32) -> Result<u64, StoreError> {
+        if !(1..=1024).contains(&partitions) {
+            return Err(StoreError::Other(anyhow!("partitions must be between 1 and 1024")));
+        }
+        // The write lock keeps the (single) service process out while rows move.
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT aggregate_id FROM outbox UNION SELECT aggregate_id FROM outbox_dead_letter",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut moved = 0;
+        for id in &ids {
+            for table in ["outbox", "outbox_dead_letter"] {
+                let sql =
+                    format!("UPDATE {table} SET partition = $1 WHERE aggregate_id = $2 AND partition <> $1");
+                moved += sqlx::query(&sql)
+                    .bind(partition_of(id, partitions))
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+        }
+        sqlx::query(
+            "INSERT INTO outbox_meta (singleton, partitions) VALUES (1, $1)
+             ON CONFLICT (singleton) DO UPDATE SET partitions = excluded.partitions",
+        )
+        .bind(partitions)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(moved)
     }
 }

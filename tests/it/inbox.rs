@@ -42,10 +42,7 @@ impl Topics {
             format!("{}.dlq", topics.customers),
         ];
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        kafka::settings(&kafka::brokers())
-            .create_topics(&names, kafka::TOPIC_PARTITIONS)
-            .await
-            .expect("topics");
+        kafka::settings(&kafka::brokers()).create_topics(&names, &kafka::layout()).await.expect("topics");
         topics
     }
 
@@ -56,6 +53,7 @@ impl Topics {
             customers_topic: self.customers.clone(),
             retention,
             max_parallel_partitions: 4,
+            max_attempts: 5,
         }
     }
 }
@@ -334,7 +332,7 @@ async fn a_database_outage_mid_stream_loses_and_duplicates_nothing() {
     let topics = Topics::create().await;
     let proxy = ChaosProxy::start(support::host_of(&pipeline.url)).await;
     let proxied = support::settings(&support::with_host(&pipeline.url, proxy.addr), &[]).database;
-    let inbox_store = store::connect(&proxied).await.expect("connect").store;
+    let inbox_store = store::connect(&proxied).await.expect("connect").inbox;
     let mut orders = Vec::new();
     for _ in 0..10 {
         orders.push(pipeline.create(1).await);

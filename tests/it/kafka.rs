@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use orders_service::publish::{KafkaPublisher, KafkaSettings};
+use orders_service::publish::{KafkaPublisher, KafkaSettings, TopicSettings};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
@@ -32,10 +32,15 @@ pub fn settings(brokers: &str) -> KafkaSettings {
     }
 }
 
+/// How test topics are laid out: a single broker, so one replica.
+pub fn layout() -> TopicSettings {
+    TopicSettings { partitions: TOPIC_PARTITIONS, replication: 1, min_insync_replicas: None }
+}
+
 /// A topic no other test uses, created on the shared broker.
 pub async fn fresh_topic() -> String {
     let topic = format!("orders.events.test-{}", uuid::Uuid::now_v7().simple());
-    settings(&brokers()).create_topics(&[&topic], TOPIC_PARTITIONS).await.expect("create topic");
+    settings(&brokers()).create_topics(&[&topic], &layout()).await.expect("create topic");
     topic
 }
 

@@ -10,6 +10,7 @@ mod health;
 mod idempotency;
 mod inbox;
 mod kafka;
+mod leases;
 mod openapi;
 mod outbox;
 mod proxy;

@@ -1,16 +1,25 @@
 //! Outbox and relay against the real components: PostgreSQL with the Kafka broker, and
 //! SQLite with the in-process bus. Relays are driven pass by pass with `relay_once`.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use orders_service::{
     backoff::Backoff,
     domain::{LineItemDraft, NewOrder, Order, OrderDraft},
     metrics::Metrics,
     orders::Orders,
     outbox::{
-        DeadLetter, OutboxRecord, OutboxStats, OutboxStore, TraceContext, Wakeup,
+        DeadLetter, Lease, Membership, OutboxRecord, OutboxStats, OutboxStore, RelayIdentity, Settled,
+        Settlement, TraceContext, Wakeup,
         relay::{Relay, RelaySettings},
     },
     pb::orders::events::v1::{OrderCancelled, OrderCreated},
@@ -128,16 +137,18 @@ impl Pipeline {
         topic: &str,
         lease_ttl: Duration,
     ) -> Arc<Relay> {
-        let settings = RelaySettings {
-            partitions: PARTITIONS,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease_ttl,
-            publish_timeout: lease_ttl / 3,
-            backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)).expect("backoff"),
-            topic: topic.to_owned(),
-            source: "/orders-service/test".into(),
-        };
+        self.relay_with(owner, store, publisher, relay_settings(topic, lease_ttl))
+    }
+
+    /// A relay with its own settings (see [`relay_settings`] for the test defaults) and
+    /// its own wake-up handle.
+    pub fn relay_with(
+        &self,
+        owner: &str,
+        store: Arc<dyn OutboxStore>,
+        publisher: Arc<dyn Publisher>,
+        settings: RelaySettings,
+    ) -> Arc<Relay> {
         Relay::new(owner.to_owned(), store, publisher, self.wakeup.clone(), self.metrics.clone(), settings)
     }
 
@@ -171,18 +182,38 @@ impl Pipeline {
     }
 }
 
+/// Test relay settings: a 60 s poll (so only wake-ups and `relay_once` drive it), quick
+/// retries.
+pub fn relay_settings(topic: &str, lease_ttl: Duration) -> RelaySettings {
+    RelaySettings {
+        partitions: PARTITIONS,
+        batch_size: 100,
+        poll_interval: Duration::from_secs(60),
+        lease_ttl,
+        publish_timeout: lease_ttl / 3,
+        backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)).expect("backoff"),
+        topic: topic.to_owned(),
+        source: "/orders-service/test".into(),
+    }
+}
+
 /// Creates a valid order with `items` lines, carrying a trace context.
 async fn new_order(orders: &Orders, items: usize) -> Order {
-    let draft = OrderDraft {
+    let trace = TraceContext::from_headers(Some(TRACEPARENT), Some("vendor=1"));
+    orders.create(draft(items), &trace, None).await.expect("create").order
+}
+
+/// A valid new order with `items` lines.
+pub fn draft(items: usize) -> NewOrder {
+    NewOrder::parse(OrderDraft {
         customer_id: "cust-1".into(),
         items: (0..items)
             .map(|i| LineItemDraft { sku: format!("SKU-{i}"), quantity: 1, unit_price_minor: 100 })
             .collect(),
         currency: "EUR".into(),
         note: None,
-    };
-    let trace = TraceContext::from_headers(Some(TRACEPARENT), Some("vendor=1"));
-    orders.create(NewOrder::parse(draft).expect("valid"), &trace, None).await.expect("create").order
+    })
+    .expect("valid")
 }
 
 pub fn header<'a>(record: &'a kafka::Record, name: &str) -> &'a str {
@@ -204,8 +235,18 @@ async fn events_are_complete_ordered_and_well_formed(backend: Backend, sink: Sin
         pipeline.orders.cancel(order.id, &TraceContext::default()).await.expect("cancel");
     }
     assert_eq!(pipeline.pending().await, 40, "one outbox row per change, committed with it");
-    let relay = pipeline.relay_to("relay-a", &sink);
+    // A partial failure inside the batch: every OrderCreated fails once while the rest of
+    // the batch goes through. The cancels must still never overtake their creates.
+    let flaky = Arc::new(FailFirstAttempt::new(sink.publisher.clone(), "orders.events.v1.OrderCreated"));
+    let relay = pipeline.relay(
+        "relay-a",
+        pipeline.store.clone(),
+        flaky.clone(),
+        &sink.topic,
+        Duration::from_secs(10),
+    );
     pipeline.drain(&relay).await;
+    assert_eq!(flaky.failed(), 30, "every create failed once, in a batch that also held successes");
 
     let records = sink.read(40).await;
     assert_eq!(records.len(), 40, "exactly one event per change");
@@ -249,55 +290,137 @@ async fn events_are_complete_ordered_and_well_formed(backend: Backend, sink: Sin
     assert_eq!(pipeline.metrics.outbox_published.get(), 40);
 }
 
-/// An outbox whose deletes fail: the relay "dies" after publishing, before deleting.
-struct DeletesFail(Arc<dyn Store>);
+/// A publisher that fails (retriably) the first attempt of every message of one
+/// `ce_type` and passes everything else through: a partial failure inside a batch.
+pub struct FailFirstAttempt {
+    inner: Arc<dyn Publisher>,
+    ce_type: &'static str,
+    failed: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl FailFirstAttempt {
+    pub fn new(inner: Arc<dyn Publisher>, ce_type: &'static str) -> Self {
+        Self { inner, ce_type, failed: Default::default() }
+    }
+
+    /// How many distinct messages were failed.
+    pub fn failed(&self) -> usize {
+        self.failed.lock().expect("lock").len()
+    }
+}
 
 #[async_trait]
-impl OutboxStore for DeletesFail {
-    async fn acquire_partitions(&self, o: &str, p: i32, ttl: Duration) -> Result<Vec<i32>, StoreError> {
-        self.0.acquire_partitions(o, p, ttl).await
+impl Publisher for FailFirstAttempt {
+    async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>> {
+        let mut verdicts = Vec::new();
+        let mut passed = Vec::new();
+        for message in messages {
+            let ce = |name: &str| message.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            let first = ce("ce_type").as_deref() == Some(self.ce_type)
+                && self.failed.lock().expect("lock").insert(ce("ce_id").unwrap_or_default());
+            verdicts.push(first);
+            if !first {
+                passed.push(message);
+            }
+        }
+        let mut results = self.inner.publish(passed).await.into_iter();
+        verdicts
+            .into_iter()
+            .map(|failed| match failed {
+                true => Err(PublishError::Retriable("injected: broker timed out".into())),
+                false => results.next().unwrap_or(Err(PublishError::Retriable("missing result".into()))),
+            })
+            .collect()
     }
-    async fn release_partitions(&self, o: &str) -> Result<(), StoreError> {
-        self.0.release_partitions(o).await
+    async fn flush(&self, timeout: Duration) {
+        self.inner.flush(timeout).await;
     }
-    async fn fetch_batch(&self, p: i32, l: i64) -> Result<Vec<OutboxRecord>, StoreError> {
-        self.0.fetch_batch(p, l).await
+}
+
+/// The real outbox store, counting the statements the relay sends it, and able to fail
+/// settling (the relay "dies" after the broker acknowledged, before deleting).
+pub struct Instrumented {
+    inner: Arc<dyn Store>,
+    /// Outbox calls made (each is one statement or one short transaction).
+    pub calls: AtomicU64,
+    /// When set, `settle` fails as if the process died before it.
+    pub fail_settle: AtomicBool,
+}
+
+impl Instrumented {
+    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self { inner, calls: AtomicU64::new(0), fail_settle: AtomicBool::new(false) })
     }
-    async fn delete_published(&self, _: &str, _: i32, _: &[i64]) -> Result<u64, StoreError> {
-        Err(StoreError::Unavailable(anyhow::anyhow!("relay crashed before deleting")))
+
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
     }
-    async fn record_failure(&self, s: i64, e: &str, r: Duration) -> Result<(), StoreError> {
-        self.0.record_failure(s, e, r).await
+}
+
+#[async_trait]
+impl OutboxStore for Instrumented {
+    async fn ensure_partitions(&self, p: i32) -> Result<(), StoreError> {
+        self.count();
+        self.inner.ensure_partitions(p).await
     }
-    async fn dead_letter(&self, o: &str, p: i32, s: i64, e: &str) -> Result<bool, StoreError> {
-        self.0.dead_letter(o, p, s, e).await
+    async fn acquire_partitions(
+        &self,
+        r: &RelayIdentity,
+        p: i32,
+        ttl: Duration,
+    ) -> Result<Membership, StoreError> {
+        self.count();
+        self.inner.acquire_partitions(r, p, ttl).await
+    }
+    async fn release_partitions(&self, r: &RelayIdentity) -> Result<(), StoreError> {
+        self.count();
+        self.inner.release_partitions(r).await
+    }
+    async fn fetch_due(
+        &self,
+        p: &[i32],
+        n: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>, StoreError> {
+        self.count();
+        self.inner.fetch_due(p, n, now).await
+    }
+    async fn settle(&self, o: &str, l: &[Lease], rows: &[Settlement]) -> Result<Settled, StoreError> {
+        self.count();
+        if self.fail_settle.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(anyhow::anyhow!("relay crashed before deleting")));
+        }
+        self.inner.settle(o, l, rows).await
     }
     async fn list_dead_letters(&self, l: i64) -> Result<Vec<DeadLetter>, StoreError> {
-        self.0.list_dead_letters(l).await
+        self.inner.list_dead_letters(l).await
     }
     async fn replay_dead_letter(&self, s: i64) -> Result<Option<i32>, StoreError> {
-        self.0.replay_dead_letter(s).await
+        self.inner.replay_dead_letter(s).await
     }
     async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        self.0.stats().await
+        self.count();
+        self.inner.stats().await
+    }
+    async fn repartition(&self, p: i32) -> Result<u64, StoreError> {
+        self.inner.repartition(p).await
     }
 }
 
 async fn a_relay_that_dies_before_deleting_is_followed_by_a_republish(backend: Backend, sink: Sink) {
     let pipeline = Pipeline::new(backend).await;
     let order = pipeline.create(1).await;
-    let doomed = pipeline.relay(
-        "relay-doomed",
-        Arc::new(DeletesFail(pipeline.store.clone())),
-        sink.publisher.clone(),
-        &sink.topic,
-        Duration::from_secs(10),
-    );
+    let store = Instrumented::new(pipeline.store.clone());
+    store.fail_settle.store(true, Ordering::Relaxed);
+    let ttl = Duration::from_millis(1500);
+    let doomed = pipeline.relay("relay-doomed", store, sink.publisher.clone(), &sink.topic, ttl);
     assert!(doomed.relay_once().await.is_err(), "published, then failed to delete");
     assert_eq!(pipeline.pending().await, 1, "nothing lost: the row is still there");
-    // The restarted relay (same owner id, as after a crash-restart) publishes it again.
-    let restarted = pipeline.relay_to("relay-doomed", &sink);
-    pipeline.drain(&restarted).await;
+    // Its successor takes the partitions over once the dead relay's leases expire, and
+    // publishes the event again.
+    let successor =
+        pipeline.relay("relay-successor", pipeline.store.clone(), sink.publisher.clone(), &sink.topic, ttl);
+    pipeline.drain(&successor).await;
     let records = sink.read(2).await;
     assert_eq!(records.len(), 2, "at-least-once: the event arrives twice");
     assert_eq!(
@@ -339,7 +462,7 @@ async fn a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it(bac
     assert_eq!(published[0].key, small.id.to_string(), "other aggregates keep flowing");
 
     // The strict relay stops gracefully, handing its partitions over at once.
-    pipeline.store.release_partitions("relay-strict").await.expect("release");
+    strict.release().await;
     assert_eq!(
         pipeline.store.replay_dead_letter(dead[0].seq).await.expect("replay"),
         Some(dead[0].partition())
@@ -409,67 +532,13 @@ async fn broker_down_writes_succeed_the_backlog_grows_and_drains_without_loss() 
     assert_eq!(pipeline.pending().await, 8, "the outbox buffers the outage");
 
     let broker = kafka::PrivateBroker::start(port).await;
-    kafka::settings(&broker.addr).create_topics(&[topic], kafka::TOPIC_PARTITIONS).await.expect("topic");
+    kafka::settings(&broker.addr).create_topics(&[topic], &kafka::layout()).await.expect("topic");
     pipeline.drain(&relay).await;
     let records = kafka::read(&broker.addr, topic, 8, Duration::from_secs(15)).await;
     let keys: std::collections::HashSet<String> = records.iter().map(|r| r.key.clone()).collect();
     assert_eq!(keys, ids, "every order's event arrived after the outage");
     relay.relay_once().await.expect("pass"); // refreshes the gauges
     assert_eq!(pipeline.metrics.outbox_pending.get(), 0);
-}
-
-#[tokio::test]
-async fn two_relays_split_partitions_evenly_never_overlap_and_fail_over() {
-    let pipeline = Pipeline::new(Backend::Postgres).await;
-    let sink = Sink::bus(1_000_000);
-    let ttl = Duration::from_millis(1500);
-    let relay =
-        |owner: &str| pipeline.relay(owner, pipeline.store.clone(), sink.publisher.clone(), &sink.topic, ttl);
-    let (a, b) = (relay("relay-a"), relay("relay-b"));
-    assert_eq!(
-        a.heartbeat().await.expect("heartbeat").len(),
-        PARTITIONS as usize,
-        "alone, A owns everything"
-    );
-
-    let disjoint = |x: &[i32], y: &[i32]| x.iter().all(|p| !y.contains(p));
-    let mut settled = false;
-    for _ in 0..4 {
-        let owned_b = b.heartbeat().await.expect("heartbeat");
-        let owned_a = a.heartbeat().await.expect("heartbeat");
-        assert!(disjoint(&owned_a, &owned_b), "a partition had two owners: {owned_a:?} / {owned_b:?}");
-        if owned_a.len() == 4 && owned_b.len() == 4 {
-            settled = true;
-            break;
-        }
-    }
-    assert!(settled, "leases settle to an even split");
-
-    let mut expected = std::collections::HashSet::new();
-    for _ in 0..20 {
-        expected.insert(pipeline.create(1).await.id.to_string());
-    }
-    for _ in 0..3 {
-        a.relay_once().await.expect("pass");
-        b.relay_once().await.expect("pass");
-    }
-    assert_eq!(pipeline.pending().await, 0, "together they publish every partition");
-
-    // A dies without releasing its leases; B takes them over once they expire.
-    drop(a);
-    for _ in 0..10 {
-        expected.insert(pipeline.create(1).await.id.to_string());
-    }
-    assert_eq!(b.heartbeat().await.expect("heartbeat").len(), 4, "A's leases are still valid");
-    crate::support::eventually(ttl * 4, "B to take over A's partitions", || async {
-        b.heartbeat().await.expect("heartbeat").len() == PARTITIONS as usize
-    })
-    .await;
-    pipeline.drain(&b).await;
-    let records = sink.read(30).await;
-    let keys: std::collections::HashSet<String> = records.iter().map(|r| r.key.clone()).collect();
-    assert_eq!(records.len(), 30, "no duplicates without failures");
-    assert_eq!(keys, expected, "all events delivered");
 }
 
 /// Instantiates each scenario for PostgreSQL + Kafka and for SQLite + the in-process bus.

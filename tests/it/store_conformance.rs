@@ -28,7 +28,7 @@ pub async fn store_with_url(backend: Backend) -> (Arc<dyn Store>, Option<tempfil
         }
     };
     let db: DatabaseSettings = settings(&url, &[]).database;
-    let store = store::connect(&db).await.expect("connect").store;
+    let store = store::connect(&db).await.expect("connect").api;
     assert!(!store.migrations_applied().await.expect("check"), "a fresh database has pending migrations");
     store.migrate().await.expect("migrate");
     assert!(store.migrations_applied().await.expect("check"));

@@ -67,6 +67,8 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
         ("APP_DATABASE__ACQUIRE_TIMEOUT_MS", "500"),
         ("APP_HEALTH__CHECK_INTERVAL_MS", "100"),
         ("APP_HEALTH__CHECK_TIMEOUT_MS", "1000"),
+        // One test broker: topics the service creates get one replica.
+        ("APP_KAFKA__TOPIC_REPLICATION", "1"),
     ];
     vars.extend_from_slice(extra);
     Settings::from_vars(vars.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())))
