@@ -19,7 +19,7 @@
 //! | `outbox_publish_latency_seconds` | histogram | commit → broker acknowledgement |
 //! | `outbox_relays_live` | gauge | live relays seen at this relay's last lease acquisition |
 //! | `outbox_relay_passes_total` | counter | relay passes (what the relay costs while it waits) |
-//! | `outbox_producer_fatal_total` | counter | fatal producer errors (leases released, producer rebuilt) |
+//! | `outbox_producer_rebuilds_total` | counter | `reason` = `fatal` (librdkafka's fatal state: leases released) / `unresponsive` (nothing acknowledged for several passes) |
 //! | `outbox_settle_fenced_total` | counter | rows not settled because their lease had moved on |
 //! | `inbox_messages_total` | counter | `topic`, `result` = applied / duplicate / stale / rejected / dead_lettered |
 //! | `inbox_processing_seconds` | histogram | `topic`; includes retries |
@@ -85,8 +85,8 @@ pub struct Metrics {
     pub outbox_relays_live: IntGauge,
     /// Relay passes.
     pub outbox_relay_passes: IntCounter,
-    /// Fatal producer errors.
-    pub outbox_producer_fatal: IntCounter,
+    /// Producers rebuilt, by reason.
+    pub outbox_producer_rebuilds: IntCounterVec,
     /// Rows whose settlement the lease no longer covered.
     pub outbox_settle_fenced: IntCounter,
     /// Inbound messages by topic and result.
@@ -145,15 +145,19 @@ impl Metrics {
         let outbox_relays_live =
             IntGauge::new("outbox_relays_live", "Live relays at this relay's last lease acquisition")?;
         let outbox_relay_passes = IntCounter::new("outbox_relay_passes_total", "Outbox relay passes")?;
-        let outbox_producer_fatal = IntCounter::new(
-            "outbox_producer_fatal_total",
-            "Fatal Kafka producer errors (leases released, producer rebuilt)",
+        let outbox_producer_rebuilds = IntCounterVec::new(
+            Opts::new(
+                "outbox_producer_rebuilds_total",
+                "Kafka producers rebuilt (fatal error, or unresponsive)",
+            ),
+            &["reason"],
         )?;
+        registry.register(Box::new(outbox_producer_rebuilds.clone()))?;
         let outbox_settle_fenced = IntCounter::new(
             "outbox_settle_fenced_total",
             "Outbox rows not settled because their partition lease had moved on",
         )?;
-        for metric in [&outbox_relay_passes, &outbox_producer_fatal, &outbox_settle_fenced] {
+        for metric in [&outbox_relay_passes, &outbox_settle_fenced] {
             registry.register(Box::new(metric.clone()))?;
         }
         registry.register(Box::new(outbox_relays_live.clone()))?;
@@ -217,7 +221,7 @@ impl Metrics {
             outbox_publish_latency,
             outbox_relays_live,
             outbox_relay_passes,
-            outbox_producer_fatal,
+            outbox_producer_rebuilds,
             outbox_settle_fenced,
             inbox_messages,
             inbox_processing,

@@ -31,6 +31,9 @@ use crate::{
     store::StoreError,
 };
 
+/// Consecutive passes without any acknowledgement after which the producer is rebuilt.
+const UNRESPONSIVE_PASSES: u32 = 3;
+
 /// Relay tuning.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -267,9 +270,13 @@ impl Relay {
     /// A fatal producer error: let other replicas take the partitions while this one
     /// rebuilds its producer, then rejoin at the next pass.
     async fn recover_from_fatal(&self, leases: &mut Leases) {
-        self.metrics.outbox_producer_fatal.inc();
         tracing::error!(owner = %self.identity.owner, "fatal producer error: releasing leases and rebuilding the producer");
         self.give_up(leases).await;
+        self.rebuild_producer("fatal").await;
+    }
+
+    async fn rebuild_producer(&self, reason: &str) {
+        self.metrics.outbox_producer_rebuilds.with_label_values(&[reason]).inc();
         if let Err(e) = self.publisher.recover().await {
             tracing::error!(
                 error = format!("{e:#}"),
@@ -336,6 +343,16 @@ impl Relay {
                 Ok(Ok(report)) if report.outage => {
                     failures = 0;
                     outages += 1;
+                    if outages % UNRESPONSIVE_PASSES == 0 && !report.fatal {
+                        // A producer can get stuck on state a restarted or replaced broker
+                        // no longer has (producer id, leader epochs); between passes nothing
+                        // is in flight, so a fresh one costs only a reconnect.
+                        tracing::warn!(
+                            outages,
+                            "nothing acknowledged for several passes; rebuilding the producer"
+                        );
+                        self.rebuild_producer("unresponsive").await;
+                    }
                     (self.settings.backoff.delay(outages), false)
                 }
                 Ok(Ok(report)) => {

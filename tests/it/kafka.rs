@@ -146,6 +146,14 @@ impl PrivateBroker {
     }
 }
 
+impl PrivateBroker {
+    /// `kill -9`: the broker dies with whatever it held (memory storage), no goodbye.
+    pub fn kill(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -14,6 +14,7 @@ mod leases;
 mod openapi;
 mod outbox;
 mod proxy;
+mod relay_faults;
 mod rest;
 mod shutdown;
 mod store_conformance;
