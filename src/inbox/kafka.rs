@@ -52,13 +52,17 @@ impl ClientContext for InboxContext {
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                // librdkafka reports -1 for partitions it does not consume.
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    let partition = partition.to_string();
-                    self.metrics
-                        .inbox_consumer_lag
-                        .with_label_values(&[topic, &partition])
-                        .set(p.consumer_lag);
+                // -1 is librdkafka's "no partition"; a partition this consumer is not assigned
+                // (any more) keeps stale figures in the statistics, so only assigned ones count.
+                if *partition < 0 {
+                    continue;
+                }
+                let partition = partition.to_string();
+                let labels = [topic.as_str(), partition.as_str()];
+                if p.desired && p.consumer_lag >= 0 {
+                    self.metrics.inbox_consumer_lag.with_label_values(&labels).set(p.consumer_lag);
+                } else if !p.desired {
+                    let _ = self.metrics.inbox_consumer_lag.remove_label_values(&labels);
                 }
             }
         }

@@ -157,24 +157,25 @@ enum Retry {
     Never,
 }
 
-/// What a database error code says about retrying. PostgreSQL SQLSTATE classes: 08
-/// connection, 53 insufficient resources, 57P0x shutdown → unavailable; 40 rollback
-/// (serialization, deadlock), 55P03 lock not available, 57014 statement timeout → aborted;
-/// 22 data exception, 23 integrity → rejected. SQLite primary codes: 5 BUSY, 6 LOCKED →
-/// aborted; 18 TOOBIG, 19 CONSTRAINT, 20 MISMATCH → rejected.
-fn classify(code: &str) -> Option<Retry> {
-    if let Ok(sqlite) = code.parse::<u32>() {
-        return match sqlite & 0xff {
-            5 | 6 => Some(Retry::Again),
-            18..=20 => Some(Retry::Never),
-            _ => None,
-        };
-    }
+/// What a PostgreSQL SQLSTATE says about retrying: 08 connection, 53 insufficient
+/// resources, 57P0x shutdown → later; 40 rollback (serialization, deadlock), 55P03 lock
+/// not available, 57014 statement timeout → again; 22 data exception, 23 integrity → never.
+fn classify_postgres(code: &str) -> Option<Retry> {
     match code {
         "57014" | "55P03" => Some(Retry::Again),
         c if c.starts_with("40") => Some(Retry::Again),
         c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => Some(Retry::Later),
         c if c.starts_with("22") || c.starts_with("23") => Some(Retry::Never),
+        _ => None,
+    }
+}
+
+/// What a SQLite result code says (the primary code is the low byte of the extended one):
+/// 5 BUSY, 6 LOCKED → again; 18 TOOBIG, 19 CONSTRAINT, 20 MISMATCH → never.
+fn classify_sqlite(code: &str) -> Option<Retry> {
+    match code.parse::<u32>().ok()? & 0xff {
+        5 | 6 => Some(Retry::Again),
+        18..=20 => Some(Retry::Never),
         _ => None,
     }
 }
@@ -196,7 +197,12 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => Some(Retry::Later),
-            sqlx::Error::Database(db) => db.code().and_then(|code| classify(&code)),
+            sqlx::Error::Database(db)
+                if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() =>
+            {
+                db.code().and_then(|code| classify_postgres(&code))
+            }
+            sqlx::Error::Database(db) => db.code().and_then(|code| classify_sqlite(&code)),
             // sqlx refused to encode a value for its column type.
             sqlx::Error::Encode(_) => Some(Retry::Never),
             _ => None,

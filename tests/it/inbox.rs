@@ -21,14 +21,14 @@ use crate::{
 };
 
 /// Fresh payments and customers topics (and their DLQs) and a fresh group per test.
-struct Topics {
-    payments: String,
-    customers: String,
-    group: String,
+pub struct Topics {
+    pub payments: String,
+    pub customers: String,
+    pub group: String,
 }
 
 impl Topics {
-    async fn create() -> Self {
+    pub async fn create() -> Self {
         let suffix = uuid::Uuid::now_v7().simple().to_string();
         let topics = Self {
             payments: format!("payments.events.test-{suffix}"),
@@ -46,7 +46,7 @@ impl Topics {
         topics
     }
 
-    fn settings(&self, retention: Duration) -> InboxSettings {
+    pub fn settings(&self, retention: Duration) -> InboxSettings {
         InboxSettings {
             group_id: self.group.clone(),
             payments_topic: self.payments.clone(),
@@ -58,27 +58,24 @@ impl Topics {
     }
 }
 
-fn inbox(pipeline: &Pipeline, store: Arc<dyn Store>, topics: &Topics, retention: Duration) -> Arc<Inbox> {
+pub fn inbox(pipeline: &Pipeline, store: Arc<dyn Store>, topics: &Topics, retention: Duration) -> Arc<Inbox> {
+    inbox_with(pipeline, store, topics.settings(retention))
+}
+
+/// An inbox with explicit settings.
+pub fn inbox_with(pipeline: &Pipeline, store: Arc<dyn Store>, settings: InboxSettings) -> Arc<Inbox> {
     let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500)).expect("backoff");
     let dlq: Arc<dyn Publisher> = Arc::new(kafka::publisher());
-    Inbox::new(
-        store,
-        pipeline.wakeup(),
-        PARTITIONS,
-        dlq,
-        pipeline.metrics.clone(),
-        backoff,
-        topics.settings(retention),
-    )
+    Inbox::new(store, pipeline.wakeup(), PARTITIONS, dlq, pipeline.metrics.clone(), backoff, settings)
 }
 
 /// Starts the Kafka runner; cancel the token to stop it.
-fn consume(inbox: Arc<Inbox>, metrics: Arc<orders_service::metrics::Metrics>) -> CancellationToken {
+pub fn consume(inbox: Arc<Inbox>, metrics: Arc<orders_service::metrics::Metrics>) -> CancellationToken {
     consume_joinable(inbox, metrics).0
 }
 
 /// Like [`consume`], with the runner's handle to await its graceful stop.
-fn consume_joinable(
+pub fn consume_joinable(
     inbox: Arc<Inbox>,
     metrics: Arc<orders_service::metrics::Metrics>,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
@@ -88,7 +85,7 @@ fn consume_joinable(
     (stop, handle)
 }
 
-fn event(topic: &str, ce_type: &str, id: &str, key: &str, data: serde_json::Value) -> OutboundMessage {
+pub fn event(topic: &str, ce_type: &str, id: &str, key: &str, data: serde_json::Value) -> OutboundMessage {
     OutboundMessage {
         topic: topic.to_owned(),
         key: key.to_owned(),
@@ -106,25 +103,25 @@ fn event(topic: &str, ce_type: &str, id: &str, key: &str, data: serde_json::Valu
     }
 }
 
-fn payment_captured(topic: &str, id: &str, order: &Order) -> OutboundMessage {
+pub fn payment_captured(topic: &str, id: &str, order: &Order) -> OutboundMessage {
     let data = json!({"paymentId": format!("pay-{id}"), "orderId": order.id.to_string(),
                       "amountMinor": order.total_minor.to_string(), "currency": order.currency.as_str()});
     event(topic, "payments.events.v1.PaymentCaptured", id, &order.id.to_string(), data)
 }
 
-async fn produce(messages: Vec<OutboundMessage>) {
+pub async fn produce(messages: Vec<OutboundMessage>) {
     let publisher: KafkaPublisher = kafka::publisher();
     for result in publisher.publish(messages).await {
         result.expect("produced");
     }
 }
 
-fn count(pipeline: &Pipeline, topic: &str, result: &str) -> u64 {
+pub fn count(pipeline: &Pipeline, topic: &str, result: &str) -> u64 {
     pipeline.metrics.inbox_messages.with_label_values(&[topic, result]).get()
 }
 
 /// Publishes the outbox to a bus and returns the OrderPaid events' keys.
-async fn order_paid_keys(pipeline: &Pipeline) -> Vec<String> {
+pub async fn order_paid_keys(pipeline: &Pipeline) -> Vec<String> {
     let sink = Sink::bus(1_000_000);
     pipeline.drain(&pipeline.relay_to("relay-check", &sink)).await;
     sink.read(0)

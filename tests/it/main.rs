@@ -9,6 +9,7 @@ mod grpc;
 mod health;
 mod idempotency;
 mod inbox;
+mod inbox_faults;
 mod kafka;
 mod leases;
 mod openapi;

@@ -1,0 +1,296 @@
+//! The inbox under the faults production has: control characters and data PostgreSQL
+//! rejects, a message that keeps aborting, one partition stuck behind a row lock while the
+//! others must flow, and a second consumer joining the group mid-stream.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use orders_service::{
+    domain::{Order, OrderStatus},
+    metrics::Metrics,
+    publish::OutboundMessage,
+    store::{self, Store, StoreError},
+};
+use rdkafka::{
+    ClientConfig,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use serde_json::json;
+
+use crate::{
+    inbox::{Topics, consume, count, event, inbox, inbox_with, payment_captured},
+    kafka,
+    outbox::Pipeline,
+    support::{self, Backend, eventually},
+};
+
+/// Produces `messages` to one partition of their topic, in order.
+async fn produce_to(partition: i32, messages: Vec<OutboundMessage>) {
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka::brokers()).create().expect("producer");
+    for m in &messages {
+        let headers = m.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header { key: k.as_str(), value: Some(v.as_bytes()) })
+        });
+        let record = FutureRecord::to(&m.topic)
+            .partition(partition)
+            .key(m.key.as_bytes())
+            .payload(&m.payload)
+            .headers(headers);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produced");
+    }
+}
+
+async fn status(store: &Arc<dyn Store>, order: &Order) -> OrderStatus {
+    store.get_order(order.id).await.expect("get").expect("order").status
+}
+
+/// A store whose statements time out after `ms` (a row lock then aborts the attempt).
+async fn impatient_store(pipeline: &Pipeline, ms: &str) -> Arc<dyn Store> {
+    let db = support::settings(&pipeline.url, &[("APP_DATABASE__STATEMENT_TIMEOUT_MS", ms)]).database;
+    store::connect(&db).await.expect("connect").inbox
+}
+
+#[tokio::test]
+async fn control_characters_go_to_the_dlq_at_once_and_the_partition_moves_on() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let (poisoned, healthy) = (pipeline.create(1).await, pipeline.create(1).await);
+    let nul = json!({"paymentId": "p-\u{0}-nul", "orderId": poisoned.id.to_string(),
+                     "amountMinor": poisoned.total_minor.to_string(), "currency": "EUR"});
+    produce_to(
+        0,
+        vec![
+            event(
+                &topics.payments,
+                "payments.events.v1.PaymentCaptured",
+                "nul-1",
+                &poisoned.id.to_string(),
+                nul,
+            ),
+            payment_captured(&topics.payments, "fine-1", &healthy),
+        ],
+    )
+    .await;
+    let name = json!({"customerId": "cust-1", "displayName": "Ada\u{0}Lovelace", "version": "1"});
+    produce_to(
+        0,
+        vec![event(&topics.customers, "customers.events.v1.CustomerUpdated", "nul-2", "cust-1", name)],
+    )
+    .await;
+    let stop = consume(
+        inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)),
+        pipeline.metrics.clone(),
+    );
+    eventually(Duration::from_secs(15), "the valid payment behind the poison", || async {
+        status(&pipeline.store, &healthy).await == OrderStatus::Paid
+    })
+    .await;
+    eventually(Duration::from_secs(15), "both poison messages dead-lettered", || async {
+        count(&pipeline, &topics.payments, "dead_lettered") == 1
+            && count(&pipeline, &topics.customers, "dead_lettered") == 1
+    })
+    .await;
+    stop.cancel();
+    assert_eq!(
+        pipeline.metrics.inbox_retries.with_label_values(&[&topics.payments]).get(),
+        0,
+        "never retried"
+    );
+    assert_eq!(status(&pipeline.store, &poisoned).await, OrderStatus::Pending);
+    let reasons: Vec<String> =
+        pipeline.store.list_rejections(10).await.expect("list").into_iter().map(|r| r.reason).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("paymentId contains the control character U+0000")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("displayName contains the control character U+0000")),
+        "{reasons:?}"
+    );
+    let dlq =
+        kafka::read(&kafka::brokers(), &format!("{}.dlq", topics.payments), 1, Duration::from_secs(10)).await;
+    assert_eq!(dlq.len(), 1);
+    assert!(dlq[0].headers["dlq_error"].contains("control character"));
+}
+
+#[tokio::test]
+async fn data_the_database_rejects_is_classified_as_rejected_not_transient() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let mut tx = pipeline.store.begin().await.expect("begin");
+    let refused =
+        tx.insert_inbox("consumer", "id-with-\u{0}-nul").await.expect_err("PostgreSQL refuses NUL in text");
+    assert!(matches!(refused, StoreError::Rejected(_)), "{refused:?}");
+    assert!(!refused.is_retriable());
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_aborting_is_dead_lettered_after_max_attempts() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let (locked, next) = (pipeline.create(1).await, pipeline.create(1).await);
+    let _lock = support::lock_order(&pipeline.url, &locked.id.to_string()).await;
+    let store = impatient_store(&pipeline, "200").await;
+    let mut settings = topics.settings(Duration::from_secs(3600));
+    settings.max_attempts = 3;
+    produce_to(
+        0,
+        vec![
+            payment_captured(&topics.payments, "stuck", &locked),
+            payment_captured(&topics.payments, "next", &next),
+        ],
+    )
+    .await;
+    let stop = consume(inbox_with(&pipeline, store, settings), pipeline.metrics.clone());
+    eventually(Duration::from_secs(20), "the message behind it", || async {
+        status(&pipeline.store, &next).await == OrderStatus::Paid
+    })
+    .await;
+    stop.cancel();
+    assert_eq!(count(&pipeline, &topics.payments, "dead_lettered"), 1);
+    assert_eq!(
+        pipeline.metrics.inbox_retries.with_label_values(&[&topics.payments]).get(),
+        2,
+        "3 attempts, 2 retries"
+    );
+    let reasons: Vec<String> =
+        pipeline.store.list_rejections(10).await.expect("list").into_iter().map(|r| r.reason).collect();
+    assert!(reasons.iter().any(|r| r.contains("gave up after 3 aborted attempts")), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn a_partition_stuck_behind_a_lock_does_not_hold_the_others() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let locked = pipeline.create(1).await;
+    let mut behind = Vec::new();
+    for _ in 0..100 {
+        behind.push(pipeline.create(1).await);
+    }
+    let elsewhere = pipeline.create(1).await;
+    let lock = support::lock_order(&pipeline.url, &locked.id.to_string()).await;
+    let mut messages = vec![payment_captured(&topics.payments, "locked", &locked)];
+    messages.extend(
+        behind.iter().enumerate().map(|(i, o)| payment_captured(&topics.payments, &format!("b{i}"), o)),
+    );
+    produce_to(0, messages).await;
+    let store = impatient_store(&pipeline, "500").await;
+    let mut settings = topics.settings(Duration::from_secs(3600));
+    settings.max_attempts = 1000;
+    let stop = consume(inbox_with(&pipeline, store, settings), pipeline.metrics.clone());
+    eventually(Duration::from_secs(20), "the locked message to be retried", || async {
+        pipeline.metrics.inbox_retries.with_label_values(&[&topics.payments]).get() > 0
+    })
+    .await;
+    // Partition 0 now holds 100 messages behind its stuck head: more than a worker queues.
+    produce_to(1, vec![payment_captured(&topics.payments, "elsewhere", &elsewhere)]).await;
+    eventually(Duration::from_secs(10), "another partition's payment", || async {
+        status(&pipeline.store, &elsewhere).await == OrderStatus::Paid
+    })
+    .await;
+    assert_eq!(
+        status(&pipeline.store, &behind[0]).await,
+        OrderStatus::Pending,
+        "partition 0 keeps its order"
+    );
+    drop(lock);
+    eventually(Duration::from_secs(30), "partition 0 to catch up", || async {
+        status(&pipeline.store, &behind[99]).await == OrderStatus::Paid
+    })
+    .await;
+    stop.cancel();
+    assert_eq!(count(&pipeline, &topics.payments, "applied"), 102);
+}
+
+/// The partitions a consumer's lag gauges name.
+fn lag_partitions(metrics: &Metrics, topic: &str) -> HashSet<String> {
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("inbox_consumer_lag{") && l.contains(&format!("topic=\"{topic}\"")))
+        .filter_map(|l| l.split("partition=\"").nth(1).and_then(|r| r.split('"').next()).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_consumer_joining_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let mut orders = Vec::new();
+    for _ in 0..150 {
+        orders.push(pipeline.create(1).await);
+    }
+    let messages = orders
+        .iter()
+        .enumerate()
+        .map(|(i, o)| payment_captured(&topics.payments, &format!("m{i}"), o))
+        .collect();
+    crate::inbox::produce(messages).await;
+    let first_metrics = pipeline.metrics.clone();
+    let first = consume(
+        inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)),
+        first_metrics.clone(),
+    );
+    eventually(Duration::from_secs(30), "the first consumer to get going", || async {
+        count(&pipeline, &topics.payments, "applied") >= 20
+    })
+    .await;
+    let second_metrics = Metrics::new().expect("metrics");
+    let second_pipeline_inbox = {
+        let backoff =
+            orders_service::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(500))
+                .expect("backoff");
+        orders_service::inbox::Inbox::new(
+            pipeline.store.clone(),
+            pipeline.wakeup(),
+            crate::outbox::PARTITIONS,
+            Arc::new(kafka::publisher()),
+            second_metrics.clone(),
+            backoff,
+            topics.settings(Duration::from_secs(3600)),
+        )
+    };
+    let second = consume(second_pipeline_inbox, second_metrics.clone());
+    let handled = |m: &Metrics| {
+        ["applied", "duplicate"]
+            .iter()
+            .map(|r| m.inbox_messages.with_label_values(&[topics.payments.as_str(), r]).get())
+            .sum::<u64>()
+    };
+    eventually(Duration::from_secs(60), "every payment applied", || async {
+        let mut paid = 0;
+        for order in &orders {
+            paid += usize::from(status(&pipeline.store, order).await == OrderStatus::Paid);
+        }
+        paid == orders.len()
+    })
+    .await;
+    eventually(Duration::from_secs(20), "each partition's lag reported by its one owner", || async {
+        let (a, b) = (
+            lag_partitions(&first_metrics, &topics.payments),
+            lag_partitions(&second_metrics, &topics.payments),
+        );
+        !b.is_empty() && a.is_disjoint(&b)
+    })
+    .await;
+    first.cancel();
+    second.cancel();
+    let applied = count(&pipeline, &topics.payments, "applied")
+        + second_metrics.inbox_messages.with_label_values(&[&topics.payments, "applied"]).get();
+    assert_eq!(applied, 150, "exactly one effect per message");
+    assert!(handled(&first_metrics) + handled(&second_metrics) >= 150);
+    for order in &orders {
+        assert_eq!(
+            pipeline.store.get_order(order.id).await.expect("get").expect("order").version,
+            2,
+            "paid once"
+        );
+    }
+    let pool = sqlx::PgPool::connect(&pipeline.url).await.expect("connect");
+    let paid_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_type = 'orders.events.v1.OrderPaid'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(paid_events, 150, "one OrderPaid per payment");
+}
