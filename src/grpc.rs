@@ -297,3 +297,24 @@ fn to_pb(order: Order) -> pb::Order {
         payment_failure: order.payment_failure,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_outcomes_a_client_is_not_told_to_retry_are_stored() {
+        let ok: Result<(pb::CancelOrderResponse, bool), ApiError> =
+            Ok((pb::CancelOrderResponse::default(), false));
+        assert!(stored(ok).1, "a success is replayed");
+        let conflict = ApiError::StateConflict(crate::domain::DomainError::InvalidTransition {
+            from: crate::domain::OrderStatus::Cancelled,
+            action: "cancel",
+        });
+        assert!(stored::<pb::CancelOrderResponse>(Err(conflict)).1, "a deterministic refusal is replayed");
+        for retryable in [ApiError::ConcurrentUpdate, ApiError::Timeout, ApiError::IdempotencyInFlight] {
+            let (response, keep) = stored::<pb::CancelOrderResponse>(Err(retryable));
+            assert!(!keep, "code {} must run again on retry", response.status);
+        }
+    }
+}

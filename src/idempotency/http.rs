@@ -110,3 +110,64 @@ fn restore(stored: StoredResponse, replayed: bool) -> Response {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
+
+    use axum::{Router, routing::post};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{
+        idempotency::{IdempotencySettings, MemoryKeyStore},
+        metrics::Metrics,
+    };
+
+    /// A route that loses a concurrent update the first time and succeeds afterwards.
+    fn router(calls: Arc<AtomicUsize>) -> Router {
+        let settings = IdempotencySettings {
+            ttl: Duration::from_secs(60),
+            lock_ttl: Duration::from_secs(30),
+            identity_header: String::new(),
+            memory_capacity: 100,
+        };
+        let idempotency =
+            Idempotency::new(Arc::new(MemoryKeyStore::new(100)), settings, Metrics::new().expect("metrics"));
+        let state = IdempotencyLayerState { idempotency, body_limit: 1024 };
+        let handler = move || {
+            let calls = calls.clone();
+            async move {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 => ApiError::ConcurrentUpdate.into_response(),
+                    _ => StatusCode::CREATED.into_response(),
+                }
+            }
+        };
+        Router::new()
+            .route("/v1/orders", post(handler))
+            .layer(axum::middleware::from_fn_with_state(state, required))
+    }
+
+    fn request() -> Request {
+        Request::post("/v1/orders").header(IDEMPOTENCY_KEY, "k-1").body(Body::from("{}")).expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_lost_concurrent_update_is_not_replayed_the_retry_runs() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = router(calls.clone());
+        let first = app.clone().oneshot(request()).await.expect("first");
+        assert_eq!(first.status(), StatusCode::CONFLICT);
+        assert!(first.headers().contains_key(header::RETRY_AFTER), "the client is told to retry");
+        let retry = app.clone().oneshot(request()).await.expect("retry");
+        assert_eq!(retry.status(), StatusCode::CREATED, "the retry ran instead of replaying the 409");
+        assert!(!retry.headers().contains_key(IDEMPOTENT_REPLAYED));
+        let replay = app.oneshot(request()).await.expect("replay");
+        assert_eq!(replay.headers().get(IDEMPOTENT_REPLAYED).map(|v| v.as_bytes()), Some(&b"true"[..]));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the success is stored and replayed");
+    }
+}

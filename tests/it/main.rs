@@ -8,6 +8,7 @@
 mod grpc;
 mod health;
 mod idempotency;
+mod idempotency_faults;
 mod inbox;
 mod inbox_faults;
 mod kafka;

@@ -59,3 +59,32 @@ impl Drop for ChaosProxy {
         self.task.abort();
     }
 }
+
+/// A peer that accepts connections and never answers (a blackholed host: the connect
+/// succeeds, every read waits forever). Dropping it closes everything.
+pub struct Blackhole {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    /// Starts listening on 127.0.0.1:<random>.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind blackhole");
+        let addr = listener.local_addr().expect("blackhole addr");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket); // kept open, never read or written
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -107,6 +107,39 @@ async fn updates_are_guarded_by_version(backend: Backend) {
     assert_eq!(tx.get_order_for_update(OrderId::generate()).await.expect("read"), None);
 }
 
+/// Two retries both found the binding expired; the first released it and bound a new
+/// order; the second's release must leave that fresh binding alone.
+async fn only_a_lapsed_idempotency_binding_is_released(backend: Backend) {
+    let (store, _dir) = store(backend).await;
+    let bind = |order: Order, expires_at| {
+        let store = store.clone();
+        async move {
+            let mut tx = store.begin().await.expect("begin");
+            tx.insert_order(&order).await.expect("insert");
+            tx.bind_idempotency_key(order.id, "scoped-key", b"fingerprint", expires_at).await.expect("bind");
+            tx.commit().await.expect("commit");
+            order
+        }
+    };
+    let now = Utc::now().trunc_subsecs(6);
+    bind(order(None), now - chrono::Duration::seconds(1)).await;
+    assert!(store.release_idempotency_key("scoped-key", now).await.expect("release"), "the lapsed one goes");
+    let fresh = bind(order(None), now + chrono::Duration::hours(1)).await;
+    assert!(!store.release_idempotency_key("scoped-key", now).await.expect("release"), "the live one stays");
+    let bound = store.find_by_idempotency_key("scoped-key").await.expect("find").expect("bound");
+    assert_eq!(bound.order.id, fresh.id);
+}
+
+/// Data the database itself refuses is classified as rejected (never retried as transient).
+async fn out_of_range_values_are_rejected_not_retried(backend: Backend) {
+    let (store, _dir) = store(backend).await;
+    let mut bad = order(None);
+    bad.total_minor = -1; // violates the CHECK (total_minor >= 0) on both databases
+    let mut tx = store.begin().await.expect("begin");
+    let refused = tx.insert_order(&bad).await.expect_err("check constraint");
+    assert!(matches!(refused, StoreError::Rejected(_)), "{refused:?}");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod postgres {
@@ -123,4 +156,6 @@ conformance!(
     uncommitted_writes_vanish,
     lists_newest_first_after_the_cursor,
     updates_are_guarded_by_version,
+    only_a_lapsed_idempotency_binding_is_released,
+    out_of_range_values_are_rejected_not_retried,
 );
