@@ -599,6 +599,29 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(err.variable, "APP_KAFKA__PROPERTIES");
+        let err = Settings::from_vars(vars(&[
+            ("APP_KAFKA__BROKERS", "k:9092"),
+            ("APP_KAFKA__TOPIC_REPLICATION", "1"),
+            ("APP_KAFKA__TOPIC_MIN_INSYNC_REPLICAS", "2"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable, "APP_KAFKA__TOPIC_MIN_INSYNC_REPLICAS");
+        assert!(err.message.contains("rejects every write"), "{err}");
+        let err = Settings::from_vars(vars(&[("APP_INBOX__MAX_ATTEMPTS", "0")])).unwrap_err();
+        assert_eq!(err.variable, "APP_INBOX__MAX_ATTEMPTS");
+    }
+
+    #[test]
+    fn topics_default_to_three_replicas_acknowledged_by_two() {
+        let settings = Settings::from_vars(vars(&[("APP_KAFKA__BROKERS", "k:9092")])).expect("valid");
+        let topics = settings.kafka.expect("kafka").topics;
+        assert_eq!((topics.replication, topics.min_isr()), (3, 2));
+        let single = Settings::from_vars(vars(&[
+            ("APP_KAFKA__BROKERS", "k:9092"),
+            ("APP_KAFKA__TOPIC_REPLICATION", "1"),
+        ]))
+        .expect("valid");
+        assert_eq!(single.kafka.expect("kafka").topics.min_isr(), 1);
     }
 
     #[test]

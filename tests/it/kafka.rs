@@ -171,3 +171,29 @@ pub fn free_port() -> u16 {
     }
     panic!("no free port found");
 }
+
+#[tokio::test]
+async fn a_topic_whose_min_insync_replicas_exceeds_its_replicas_is_refused() {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+    };
+    let topic = format!("orders.events.misconfigured-{}", uuid::Uuid::now_v7().simple());
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("min.insync.replicas", "2")],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let refused = settings(&brokers()).create_topics(&[&topic], &layout()).await.expect_err("refused");
+    let message = format!("{refused:#}");
+    assert!(message.contains("min.insync.replicas=2 but only 1 replica"), "{message}");
+    settings(&brokers())
+        .create_topics(&[&fresh_topic().await], &layout())
+        .await
+        .expect("a sound topic passes");
+}

@@ -13,6 +13,7 @@ mod inbox;
 mod inbox_faults;
 mod kafka;
 mod leases;
+mod migrations;
 mod openapi;
 mod outbox;
 mod proxy;
