@@ -90,9 +90,18 @@ macro_rules! sql_tx {
                 .await
             }
 
+            /// Runs `COMMIT` in a task of its own: once sent, it must finish. A caller cancelled
+            /// mid-commit (a client gone, a deadline) would otherwise make sqlx queue a
+            /// `ROLLBACK` behind a commit that already landed ("there is no transaction in
+            /// progress" under load) and leave the outcome unknown to this process.
             async fn commit(self: Box<Self>) -> Result<(), crate::store::StoreError> {
-                self.0.commit().await?;
-                Ok(())
+                let tx = self.0;
+                match tokio::spawn(async move { tx.commit().await }).await {
+                    Ok(result) => Ok(result?),
+                    Err(e) => Err(crate::store::StoreError::Other(
+                        anyhow::Error::new(e).context("COMMIT task failed"),
+                    )),
+                }
             }
         }
     };
