@@ -63,7 +63,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_INBOX__MAX_PARALLEL_PARTITIONS", "8", "partitions processed at once"),
     ("APP_INBOX__MAX_ATTEMPTS", "10", "aborted attempts of one message before it is dead-lettered"),
     ("APP_EVENTS__SOURCE", "/orders-service", "CloudEvents source attribute"),
-    ("APP_OUTBOX__PARTITIONS", "16", "outbox partitions (P); recorded at first start, see `outbox repartition`"),
+    (
+        "APP_OUTBOX__PARTITIONS",
+        "16",
+        "outbox partitions (P); recorded at first start, see `outbox repartition`",
+    ),
     ("APP_OUTBOX__BATCH_SIZE", "100", "rows fetched per partition per pass"),
     ("APP_OUTBOX__POLL_INTERVAL_MS", "1000", "relay polling fallback"),
     ("APP_OUTBOX__LEASE_TTL_MS", "30000", "partition lease duration (> 2 × message timeout)"),

@@ -68,3 +68,35 @@ async fn a_relay_in_another_process_is_woken_by_notify() {
     assert_eq!(records.len(), 1, "published long before the 60 s poll");
     assert_eq!(records[0].key, id);
 }
+
+#[tokio::test]
+async fn replaying_a_dead_letter_wakes_the_relay_that_owns_it_in_another_process() {
+    let database = fresh_postgres().await;
+    let relay_config = [("APP_ROLES", "relay"), ("APP_OUTBOX__POLL_INTERVAL_MS", "60000")];
+    let relay = TestApp::start_on(database.clone(), &relay_config).await;
+    relay_owns_its_partitions(&relay).await;
+    let api = TestApp::start_on(database.clone(), &[("APP_ROLES", "api")]).await;
+    let aggregate = uuid::Uuid::now_v7().to_string();
+    let partition = orders_service::outbox::partition_of(&aggregate, 16);
+    let pool = sqlx::PgPool::connect(&database).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO outbox_dead_letter (seq, message_id, partition, aggregate_type, aggregate_id, event_type,
+                                         payload, created_at, attempts, error)
+         VALUES (424242, $1, $2, 'order', $3, 'orders.events.v1.OrderCreated', '{}'::bytea, now(), 1, 'too large')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(partition)
+    .bind(&aggregate)
+    .execute(&pool)
+    .await
+    .expect("dead letter");
+
+    let replay =
+        api.client.post(format!("{}/admin/outbox/dead-letters/424242/replay", api.admin)).send().await;
+    assert_eq!(replay.expect("replay").status(), 200);
+    eventually(Duration::from_secs(10), "the relay in the other process to publish it", || async {
+        let records = relay.admin_json("/admin/bus/orders.events").await;
+        records.as_array().is_some_and(|r| r.iter().any(|r| r["key"] == aggregate.as_str()))
+    })
+    .await;
+}
