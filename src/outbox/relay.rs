@@ -73,7 +73,7 @@ pub struct PassReport {
     pub outage: bool,
     /// The producer reported a fatal error; it was rebuilt and the leases released.
     pub fatal: bool,
-    /// The earliest retry this pass scheduled, if any.
+    /// When the earliest retry this relay scheduled becomes due, if one is pending.
     pub next_retry_in: Option<Duration>,
     /// Partitions owned during this pass.
     pub owned: Vec<i32>,
@@ -88,6 +88,9 @@ struct Leases {
     /// No batch may start after this instant: the lease could have expired by its end.
     publish_until: Option<Instant>,
     renewed_at: Option<Instant>,
+    /// The earliest retry this relay scheduled that has not come due yet: after a pass that
+    /// found nothing due, the next one starts then rather than at the poll interval.
+    retry_at: Option<Instant>,
 }
 
 /// An outbox relay.
@@ -199,6 +202,9 @@ impl Relay {
         if !rows.is_empty() {
             self.publish(rows, &mut leases, &mut report).await?;
         }
+        let now = Instant::now();
+        leases.retry_at = leases.retry_at.filter(|&at| at > now);
+        report.next_retry_in = leases.retry_at.map(|at| at - now);
         drop(leases);
         self.refresh_stats().await;
         Ok(report)
@@ -231,7 +237,8 @@ impl Relay {
                     report.fatal |= matches!(e, PublishError::Fatal(_));
                     self.metrics.outbox_publish_errors.with_label_values(&[e.kind()]).inc();
                     let retry_in = self.settings.backoff.delay(row.attempts.max(0) as u32);
-                    report.next_retry_in = Some(report.next_retry_in.map_or(retry_in, |r| r.min(retry_in)));
+                    let at = Instant::now() + retry_in;
+                    leases.retry_at = Some(leases.retry_at.map_or(at, |t| t.min(at)));
                     tracing::debug!(seq = row.seq, attempts = row.attempts + 1, ?retry_in, error = %e, "publish failed; will retry");
                     let next_attempt_at = now + chrono::Duration::from_std(retry_in).unwrap_or_default();
                     Settle::Retry { error: e.to_string(), next_attempt_at }

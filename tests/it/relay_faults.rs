@@ -38,7 +38,7 @@ async fn a_killed_broker_costs_almost_nothing_while_down_and_the_backlog_drains_
     let store = Instrumented::new(pipeline.store.clone());
     let mut settings = relay_settings(topic, Duration::from_secs(10));
     settings.batch_size = 10;
-    settings.backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(4)).expect("backoff");
+    settings.backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(2)).expect("backoff");
     let relay = pipeline.relay_with("relay-outage", store.clone(), publisher, settings);
     pipeline.create(1).await;
     assert_eq!(relay.relay_once().await.expect("pass").published, 1, "the producer is connected");
@@ -74,7 +74,7 @@ async fn a_killed_broker_costs_almost_nothing_while_down_and_the_backlog_drains_
 
     let broker = kafka::PrivateBroker::start(port).await; // memory storage: an empty broker
     kafka::settings(&broker.addr).create_topics(&[topic], &layout).await.expect("topic");
-    eventually(Duration::from_secs(90), "the backlog to drain", || async { pipeline.pending().await == 0 })
+    eventually(Duration::from_secs(60), "the backlog to drain", || async { pipeline.pending().await == 0 })
         .await;
     stop.cancel();
     running.await.expect("relay stops");
