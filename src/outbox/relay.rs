@@ -15,6 +15,8 @@
 //! starts a backoff during which commits do not wake the relay; leases are still renewed.
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -88,9 +90,10 @@ struct Leases {
     /// No batch may start after this instant: the lease could have expired by its end.
     publish_until: Option<Instant>,
     renewed_at: Option<Instant>,
-    /// The earliest retry this relay scheduled that has not come due yet: after a pass that
-    /// found nothing due, the next one starts then rather than at the poll interval.
-    retry_at: Option<Instant>,
+    /// When the retries this relay scheduled come due (earliest first): after a pass that
+    /// found nothing due, the next one starts at the earliest rather than at the poll
+    /// interval. Bounded: one entry per row retried, popped once due.
+    retries: BinaryHeap<Reverse<Instant>>,
 }
 
 /// An outbox relay.
@@ -203,8 +206,10 @@ impl Relay {
             self.publish(rows, &mut leases, &mut report).await?;
         }
         let now = Instant::now();
-        leases.retry_at = leases.retry_at.filter(|&at| at > now);
-        report.next_retry_in = leases.retry_at.map(|at| at - now);
+        while leases.retries.peek().is_some_and(|Reverse(at)| *at <= now) {
+            leases.retries.pop();
+        }
+        report.next_retry_in = leases.retries.peek().map(|Reverse(at)| *at - now);
         drop(leases);
         self.refresh_stats().await;
         Ok(report)
@@ -237,8 +242,7 @@ impl Relay {
                     report.fatal |= matches!(e, PublishError::Fatal(_));
                     self.metrics.outbox_publish_errors.with_label_values(&[e.kind()]).inc();
                     let retry_in = self.settings.backoff.delay(row.attempts.max(0) as u32);
-                    let at = Instant::now() + retry_in;
-                    leases.retry_at = Some(leases.retry_at.map_or(at, |t| t.min(at)));
+                    leases.retries.push(Reverse(Instant::now() + retry_in));
                     tracing::debug!(seq = row.seq, attempts = row.attempts + 1, ?retry_in, error = %e, "publish failed; will retry");
                     let next_attempt_at = now + chrono::Duration::from_std(retry_in).unwrap_or_default();
                     Settle::Retry { error: e.to_string(), next_attempt_at }
