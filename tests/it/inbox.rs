@@ -64,9 +64,19 @@ pub fn inbox(pipeline: &Pipeline, store: Arc<dyn Store>, topics: &Topics, retent
 
 /// An inbox with explicit settings.
 pub fn inbox_with(pipeline: &Pipeline, store: Arc<dyn Store>, settings: InboxSettings) -> Arc<Inbox> {
+    inbox_counted_by(pipeline, store, settings, pipeline.metrics.clone())
+}
+
+/// An inbox with explicit settings counting into its own `metrics` (a second consumer).
+pub fn inbox_counted_by(
+    pipeline: &Pipeline,
+    store: Arc<dyn Store>,
+    settings: InboxSettings,
+    metrics: Arc<orders_service::metrics::Metrics>,
+) -> Arc<Inbox> {
     let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500)).expect("backoff");
     let dlq: Arc<dyn Publisher> = Arc::new(kafka::publisher());
-    Inbox::new(store, pipeline.wakeup(), PARTITIONS, dlq, pipeline.metrics.clone(), backoff, settings)
+    Inbox::new(store, pipeline.wakeup(), PARTITIONS, dlq, metrics, backoff, settings)
 }
 
 /// Starts the Kafka runner; cancel the token to stop it.

@@ -18,7 +18,7 @@ use rdkafka::{
 use serde_json::json;
 
 use crate::{
-    inbox::{Topics, consume, count, event, inbox, inbox_with, payment_captured},
+    inbox::{Topics, consume, count, event, inbox, inbox_counted_by, inbox_with, payment_captured},
     kafka,
     outbox::Pipeline,
     support::{self, Backend, eventually},
@@ -236,21 +236,9 @@ async fn a_consumer_joining_mid_stream_loses_nothing_and_applies_nothing_twice()
     })
     .await;
     let second_metrics = Metrics::new().expect("metrics");
-    let second_pipeline_inbox = {
-        let backoff =
-            orders_service::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(500))
-                .expect("backoff");
-        orders_service::inbox::Inbox::new(
-            pipeline.store.clone(),
-            pipeline.wakeup(),
-            crate::outbox::PARTITIONS,
-            Arc::new(kafka::publisher()),
-            second_metrics.clone(),
-            backoff,
-            topics.settings(Duration::from_secs(3600)),
-        )
-    };
-    let second = consume(second_pipeline_inbox, second_metrics.clone());
+    let settings = topics.settings(Duration::from_secs(3600));
+    let second_inbox = inbox_counted_by(&pipeline, pipeline.store.clone(), settings, second_metrics.clone());
+    let second = consume(second_inbox, second_metrics.clone());
     let handled = |m: &Metrics| {
         ["applied", "duplicate"]
             .iter()
