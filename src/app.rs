@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{pb::health_server::HealthServer, server::HealthReporter, server::HealthService};
@@ -26,6 +26,7 @@ use crate::{
     },
     pb,
     publish::{InMemoryBus, KafkaPublisher, Publisher},
+    resilience::{Dependency, Policy, inbound::InboundLayer},
     store::{self, Stores},
 };
 
@@ -41,6 +42,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     health: HealthReporter,
+    /// One resilience policy per dependency.
+    policies: Policies,
     shutdown: CancellationToken,
     wakeup: Arc<Wakeup>,
     /// The relay, when this process runs the relay role.
@@ -56,7 +59,11 @@ pub struct App {
 impl App {
     /// Connects the store (migrating it if configured) and binds every listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let stores = store::connect(&settings.database).await.context("connecting to the database")?;
+        let metrics = Metrics::new()?;
+        let policies = Policies::new(&settings, &metrics);
+        let stores = store::connect_guarded(&settings.database, policies.postgres.clone())
+            .await
+            .context("connecting to the database")?;
         if settings.database.migrate_on_start {
             stores.api.migrate().await.context("applying migrations at startup")?;
         }
@@ -76,9 +83,13 @@ impl App {
         let admin = bind(settings.admin.addr, "APP_ADMIN__ADDR").await?;
         let addrs = [http.local_addr()?, grpc.local_addr()?, admin.local_addr()?];
         let health = HealthReporter::new();
-        let readiness =
-            Readiness::new(stores.api.clone(), health.clone(), settings.health.check_timeout).await;
-        let metrics = Metrics::new()?;
+        let readiness = Readiness::new(
+            stores.api.clone(),
+            health.clone(),
+            &settings.health,
+            policies.optional(&settings),
+        )
+        .await;
 
         let (notify_tx, notify_rx) = match &stores.notify_pool {
             Some(_) => {
@@ -92,14 +103,18 @@ impl App {
         let relay = settings.roles.relay.then(|| {
             let owner = settings.outbox.relay_id.clone().unwrap_or_else(generated_relay_id);
             let relay_settings = relay_settings(&settings);
-            Relay::new(
+            let relay = Relay::new(
                 owner,
                 stores.relay.clone(),
                 publisher.clone(),
                 wakeup.clone(),
                 metrics.clone(),
                 relay_settings,
-            )
+            );
+            if settings.kafka.is_some() {
+                relay.guard_publishing(policies.kafka.clone());
+            }
+            relay
         });
         let inbox = settings.roles.consumer.then(|| {
             let (partitions, backoff) = (settings.outbox.partitions, settings.outbox.backoff);
@@ -124,6 +139,7 @@ impl App {
             metrics,
             readiness,
             health,
+            policies,
             shutdown: CancellationToken::new(),
             wakeup,
             relay,
@@ -176,6 +192,7 @@ impl App {
             metrics,
             readiness,
             health,
+            policies,
             shutdown,
             wakeup,
             relay,
@@ -222,11 +239,31 @@ impl App {
         let admin_state =
             AdminState { metrics: metrics.clone(), store: stores.api.clone(), wakeup: wakeup.clone(), bus };
         let orders = Orders::new(stores.api.clone(), wakeup, settings.outbox.partitions);
+        // One concurrency limit for both listeners: overload is a property of the process.
+        let permits = Arc::new(Semaphore::new(settings.http.max_concurrent_requests));
+        let timeout = settings.http.request_timeout;
+        let shed = |protocol: &str| metrics.shed.with_label_values(&[protocol]);
         let limits = Limits {
-            request_timeout: settings.http.request_timeout,
+            request_timeout: timeout,
             body_limit_bytes: settings.http.body_limit_bytes,
+            inbound: InboundLayer::new(
+                permits.clone(),
+                timeout,
+                false,
+                |_| false,
+                http::overloaded,
+                shed("http"),
+            ),
         };
-        let idempotency = idempotency_service(&settings, pg_pool.is_some(), metrics.clone())?;
+        let grpc_inbound = InboundLayer::new(
+            permits,
+            timeout,
+            true,
+            grpc::exempt_from_limits,
+            grpc::overloaded,
+            shed("grpc"),
+        );
+        let idempotency = idempotency_service(&settings, pg_pool.is_some(), &policies, metrics.clone())?;
         let state = AppState { orders: orders.clone(), readiness: readiness.clone() };
         let idempotency_layer = IdempotencyLayerState {
             idempotency: idempotency.clone(),
@@ -237,6 +274,7 @@ impl App {
             .timeout(settings.http.request_timeout)
             .layer(GrpcMetricsLayer(metrics.clone()))
             .layer(tower::util::MapResponseLayer::new(grpc::replayed_trailers::<tonic::body::Body>))
+            .layer(grpc_inbound)
             .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
             .add_service(reflection().build_v1()?)
             // grpcurl before 1.9 and many other tools only speak v1alpha.
@@ -322,16 +360,51 @@ impl App {
     }
 }
 
+/// The resilience policy of each dependency; the breakers' state is in `/readyz`.
+#[derive(Clone)]
+struct Policies {
+    postgres: Arc<Policy>,
+    redis: Arc<Policy>,
+    kafka: Arc<Policy>,
+}
+
+impl Policies {
+    fn new(settings: &Settings, metrics: &Arc<Metrics>) -> Self {
+        let r = &settings.resilience;
+        Self {
+            postgres: Policy::new(Dependency::Postgres, r.postgres, metrics.clone()),
+            redis: Policy::new(Dependency::Redis, r.redis, metrics.clone()),
+            kafka: Policy::new(Dependency::Kafka, r.kafka, metrics.clone()),
+        }
+    }
+
+    /// The optional dependencies this process uses: they degrade readiness, never fail it.
+    fn optional(&self, settings: &Settings) -> Vec<Arc<Policy>> {
+        let mut optional = Vec::new();
+        if settings.redis.is_some() && settings.roles.api {
+            optional.push(self.redis.clone());
+        }
+        if settings.kafka.is_some() && settings.roles.relay {
+            optional.push(self.kafka.clone());
+        }
+        optional
+    }
+}
+
 /// Idempotency-Key service: Redis when configured, else in memory (single process).
 fn idempotency_service(
     settings: &Settings,
     shared_database: bool,
+    policies: &Policies,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Arc<Idempotency>> {
     let store: Arc<dyn KeyStore> = match &settings.redis {
-        Some(redis) => {
-            Arc::new(RedisKeyStore::new(redis.url.expose(), redis.key_prefix.clone(), redis.timeout)?)
-        }
+        Some(redis) => Arc::new(RedisKeyStore::new(
+            redis.url.expose(),
+            redis.key_prefix.clone(),
+            redis.timeout,
+            policies.redis.clone(),
+        )?),
         None => {
             if shared_database {
                 tracing::warn!(

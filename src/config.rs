@@ -11,6 +11,7 @@ use crate::{
     idempotency::IdempotencySettings,
     inbox::InboxSettings,
     publish::{KafkaSettings, TopicSettings},
+    resilience::{BreakerSettings, PolicySettings},
 };
 
 /// Redis connection settings.
@@ -31,6 +32,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_ADMIN__ADDR", "127.0.0.1:9090", "/metrics"),
     ("APP_HTTP__REQUEST_TIMEOUT_MS", "10000", "per-request deadline (REST and gRPC)"),
     ("APP_HTTP__BODY_LIMIT_BYTES", "1048576", "largest accepted request body / gRPC message"),
+    ("APP_HTTP__MAX_CONCURRENT_REQUESTS", "256", "REST + gRPC requests in flight; more are shed with 503"),
     ("APP_DATABASE__URL", "sqlite://data/orders.db", "postgres://… or sqlite://…"),
     ("APP_DATABASE__MAX_CONNECTIONS", "10", "API connection pool size (per replica)"),
     ("APP_DATABASE__RELAY_MAX_CONNECTIONS", "2", "relay connection pool size (PostgreSQL)"),
@@ -41,6 +43,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_DATABASE__MIGRATE_ON_START", "true", "apply migrations in `serve`"),
     ("APP_HEALTH__CHECK_INTERVAL_MS", "5000", "how often gRPC health is refreshed"),
     ("APP_HEALTH__CHECK_TIMEOUT_MS", "1000", "deadline for one readiness check"),
+    ("APP_HEALTH__DATABASE_GRACE_MS", "5000", "database unreachable this long before not ready"),
     ("APP_SHUTDOWN__DRAIN_TIMEOUT_MS", "20000", "how long in-flight requests may finish"),
     ("APP_ROLES", "api,relay,consumer", "what `serve` runs: any of api, relay, consumer"),
     ("APP_KAFKA__BROKERS", "", "bootstrap servers; empty = in-process event bus"),
@@ -82,6 +85,24 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_IDEMPOTENCY__LOCK_TTL_MS", "30000", "in-flight marker lifetime (> request timeout)"),
     ("APP_IDEMPOTENCY__IDENTITY_HEADER", "", "trusted caller-identity header/metadata; empty = anonymous"),
     ("APP_IDEMPOTENCY__MEMORY_CAPACITY", "100000", "entries the in-memory key store keeps (without Redis)"),
+    ("APP_RESILIENCE__POSTGRES__RETRIES", "2", "retries of idempotent database calls"),
+    ("APP_RESILIENCE__POSTGRES__RETRY_BUDGET_PERCENT", "10", "retries as a share of recent database calls"),
+    (
+        "APP_RESILIENCE__POSTGRES__BREAKER_FAILURES",
+        "5",
+        "consecutive database failures that open the breaker",
+    ),
+    ("APP_RESILIENCE__POSTGRES__BREAKER_OPEN_MS", "1000", "first open period of the database breaker"),
+    ("APP_RESILIENCE__POSTGRES__CONCURRENCY", "256", "database calls in flight at most"),
+    ("APP_RESILIENCE__REDIS__BREAKER_FAILURES", "3", "consecutive Redis failures that open the breaker"),
+    ("APP_RESILIENCE__REDIS__BREAKER_OPEN_MS", "1000", "first open period of the Redis breaker"),
+    ("APP_RESILIENCE__REDIS__CONCURRENCY", "256", "Redis calls in flight at most"),
+    (
+        "APP_RESILIENCE__KAFKA__BREAKER_FAILURES",
+        "3",
+        "relay passes without an acknowledgement that open the breaker",
+    ),
+    ("APP_RESILIENCE__KAFKA__BREAKER_OPEN_MS", "5000", "first open period of the Kafka breaker"),
     ("APP_LOG_FORMAT", "text", "text or json"),
     ("APP_LOG_LEVEL", "info", "tracing filter, e.g. info,orders_service=debug"),
 ];
@@ -138,8 +159,23 @@ pub struct Settings {
     pub idempotency: IdempotencySettings,
     /// Redis, when `APP_REDIS__URL` is set.
     pub redis: Option<RedisSettings>,
+    /// Per-dependency resilience policies.
+    pub resilience: ResilienceSettings,
     /// `APP_*` variables that matched no setting (probably typos), reported after logging starts.
     unknown: Vec<String>,
+}
+
+/// The resilience policy of each dependency. Timeouts come from each dependency's own
+/// settings (statement timeout, `APP_REDIS__TIMEOUT_MS`, message timeout); open periods
+/// double on each failed probe up to eight times the first.
+#[derive(Debug, Clone, Copy)]
+pub struct ResilienceSettings {
+    /// PostgreSQL.
+    pub postgres: PolicySettings,
+    /// Redis (no retries: a repeated `SET NX` would find its own marker).
+    pub redis: PolicySettings,
+    /// Kafka, as the relay publishes to it (librdkafka retries inside one publish).
+    pub kafka: PolicySettings,
 }
 
 /// REST listener and inbound request limits.
@@ -151,6 +187,8 @@ pub struct HttpSettings {
     pub request_timeout: Duration,
     /// Largest request body (REST) or message (gRPC) accepted; larger gets 413 / RESOURCE_EXHAUSTED.
     pub body_limit_bytes: usize,
+    /// REST and gRPC requests in flight at most (one limit for both); more are shed.
+    pub max_concurrent_requests: usize,
 }
 
 /// gRPC listener.
@@ -195,6 +233,9 @@ pub struct HealthSettings {
     pub check_interval: Duration,
     /// Deadline for one check, so a hung database makes the service unready, not stuck.
     pub check_timeout: Duration,
+    /// How long the database may fail its checks before the service reports not ready
+    /// (a blip must not pull every replica out of load balancing at once).
+    pub database_grace: Duration,
 }
 
 /// Graceful shutdown.
@@ -302,6 +343,7 @@ impl Settings {
                 addr: env.parse("APP_HTTP__ADDR")?,
                 request_timeout: env.millis("APP_HTTP__REQUEST_TIMEOUT_MS")?,
                 body_limit_bytes: env.parse("APP_HTTP__BODY_LIMIT_BYTES")?,
+                max_concurrent_requests: env.parse("APP_HTTP__MAX_CONCURRENT_REQUESTS")?,
             },
             grpc: GrpcSettings { addr: env.parse("APP_GRPC__ADDR")? },
             admin: AdminSettings { addr: env.parse("APP_ADMIN__ADDR")? },
@@ -318,6 +360,7 @@ impl Settings {
             health: HealthSettings {
                 check_interval: env.millis("APP_HEALTH__CHECK_INTERVAL_MS")?,
                 check_timeout: env.millis("APP_HEALTH__CHECK_TIMEOUT_MS")?,
+                database_grace: env.millis("APP_HEALTH__DATABASE_GRACE_MS")?,
             },
             shutdown: ShutdownSettings { drain_timeout: env.millis("APP_SHUTDOWN__DRAIN_TIMEOUT_MS")? },
             log: LogSettings {
@@ -391,6 +434,7 @@ impl Settings {
                     timeout: env.millis("APP_REDIS__TIMEOUT_MS")?,
                 }),
             },
+            resilience: resilience(&env)?,
             unknown: vars
                 .keys()
                 .filter(|k| !VARIABLES.iter().any(|(name, _, _)| name == k))
@@ -425,6 +469,9 @@ impl Settings {
         }
         if self.idempotency.memory_capacity == 0 {
             return Err(error("APP_IDEMPOTENCY__MEMORY_CAPACITY", "must be at least 1"));
+        }
+        if self.http.max_concurrent_requests == 0 {
+            return Err(error("APP_HTTP__MAX_CONCURRENT_REQUESTS", "must be at least 1"));
         }
         if self.http.body_limit_bytes < 1024 {
             return Err(error("APP_HTTP__BODY_LIMIT_BYTES", "must be at least 1024"));
@@ -512,6 +559,64 @@ impl Vars<'_> {
             ms => Ok(Duration::from_millis(ms)),
         }
     }
+}
+
+/// Reads `APP_RESILIENCE__*`, with each dependency's timeout from its own settings.
+fn resilience(env: &Vars<'_>) -> Result<ResilienceSettings, ConfigError> {
+    let breaker = |dep: &str| -> Result<BreakerSettings, ConfigError> {
+        let failures: u32 = env.parse(&format!("APP_RESILIENCE__{dep}__BREAKER_FAILURES"))?;
+        if failures == 0 {
+            return Err(error(&format!("APP_RESILIENCE__{dep}__BREAKER_FAILURES"), "must be at least 1"));
+        }
+        let open = env.millis(&format!("APP_RESILIENCE__{dep}__BREAKER_OPEN_MS"))?;
+        Ok(BreakerSettings { failures, open, open_max: open * 8 })
+    };
+    let statement = env.millis("APP_DATABASE__STATEMENT_TIMEOUT_MS")?;
+    let acquire = env.millis("APP_DATABASE__ACQUIRE_TIMEOUT_MS")?;
+    let backoff =
+        |max: Duration| Backoff::new(Duration::from_millis(20).min(max), max).unwrap_or(Backoff::DEFAULT);
+    let percent: f32 = env.parse("APP_RESILIENCE__POSTGRES__RETRY_BUDGET_PERCENT")?;
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(error("APP_RESILIENCE__POSTGRES__RETRY_BUDGET_PERCENT", "must be between 0 and 100"));
+    }
+    let concurrency = |dep: &str| -> Result<usize, ConfigError> {
+        let name = format!("APP_RESILIENCE__{dep}__CONCURRENCY");
+        match env.parse::<usize>(&name)? {
+            0 => Err(error(&name, "must be at least 1")),
+            n => Ok(n),
+        }
+    };
+    let redis_timeout = env.millis("APP_REDIS__TIMEOUT_MS")?;
+    let kafka_timeout = env.millis("APP_KAFKA__MESSAGE_TIMEOUT_MS")?;
+    Ok(ResilienceSettings {
+        postgres: PolicySettings {
+            timeout: statement + acquire,
+            retries: env.parse("APP_RESILIENCE__POSTGRES__RETRIES")?,
+            backoff: backoff(Duration::from_millis(500)),
+            retry_ratio: percent / 100.0,
+            retry_floor_per_sec: 1,
+            breaker: breaker("POSTGRES")?,
+            concurrency: concurrency("POSTGRES")?,
+        },
+        redis: PolicySettings {
+            timeout: redis_timeout,
+            retries: 0,
+            backoff: backoff(redis_timeout),
+            retry_ratio: 0.0,
+            retry_floor_per_sec: 0,
+            breaker: breaker("REDIS")?,
+            concurrency: concurrency("REDIS")?,
+        },
+        kafka: PolicySettings {
+            timeout: kafka_timeout,
+            retries: 0,
+            backoff: backoff(kafka_timeout),
+            retry_ratio: 0.0,
+            retry_floor_per_sec: 0,
+            breaker: breaker("KAFKA")?,
+            concurrency: 1,
+        },
+    })
 }
 
 fn parse_roles(raw: &str) -> Result<Roles, ConfigError> {

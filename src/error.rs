@@ -71,6 +71,9 @@ pub enum ApiError {
     /// The request did not finish within the server's deadline.
     #[error("request timed out")]
     Timeout,
+    /// More requests are in flight than the server admits; this one was shed unread.
+    #[error("the server is at its concurrency limit; retry later")]
+    Overloaded,
     /// A bug or an unexpected state; details are logged, never returned.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -157,6 +160,9 @@ impl ApiError {
             }
             Self::Timeout => {
                 ("timeout", StatusCode::SERVICE_UNAVAILABLE, Code::DeadlineExceeded, "Request timed out")
+            }
+            Self::Overloaded => {
+                ("overloaded", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "Server overloaded")
             }
             Self::Internal(_) => {
                 ("internal", StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, "Internal error")

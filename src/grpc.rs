@@ -28,6 +28,23 @@ pub struct GrpcOrders {
     idempotency: Arc<Idempotency>,
 }
 
+/// Health checks and reflection bypass the concurrency limit: a mesh must see an
+/// overloaded replica's health as it is.
+pub fn exempt_from_limits(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+}
+
+/// The answer to a call shed at the concurrency limit: `UNAVAILABLE` (safe to retry: the
+/// call was not started) with `retry-after` and gRPC's own retry pushback.
+pub fn overloaded() -> http::Response<tonic::body::Body> {
+    let mut status = Status::from(ApiError::Overloaded);
+    status.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from_static("1"));
+    status
+        .metadata_mut()
+        .insert("grpc-retry-pushback-ms", tonic::metadata::MetadataValue::from_static("1000"));
+    status.into_http()
+}
+
 /// gRPC method paths: what idempotency keys are scoped to (CancelOrder adds the order id).
 const CREATE_ORDER: &str = "/orders.v1.OrderService/CreateOrder";
 /// See [`CREATE_ORDER`].

@@ -17,6 +17,8 @@
 //! - [`inbox`]: idempotent consumption of payment and customer events, with dead-lettering.
 //! - [`publish`]: the publisher port with its Kafka and in-process adapters.
 //! - [`backoff`]: exponential backoff with full jitter, shared by retry loops.
+//! - [`resilience`]: per-dependency policies (breaker, timeout, budgeted retries,
+//!   concurrency limit) and the inbound load-shedding and deadline layer.
 //! - [`admin`]: the admin server: metrics and outbox dead-letter operations.
 //! - [`error`]: the API error type and the one table mapping it to HTTP and gRPC.
 //! - [`http`]: the REST API (axum), `/healthz`, `/readyz` and the OpenAPI document.
@@ -43,5 +45,6 @@ pub mod orders;
 pub mod outbox;
 pub mod pb;
 pub mod publish;
+pub mod resilience;
 pub mod store;
 pub mod telemetry;

@@ -27,6 +27,12 @@
 //! | `inbox_dispatch_failures_total` | counter | `topic`; messages whose partition worker had died (the partition is rewound) |
 //! | `idempotency_outcomes_total` | counter | `outcome` = new / replayed / conflict / mismatch / missing / malformed / store_error |
 //! | `inbox_consumer_lag` | gauge | `topic`, `partition`; from librdkafka statistics (every 5 s) |
+//! | `resilience_breaker_state` | gauge | `dependency`; 0 closed, 1 half-open, 2 open |
+//! | `resilience_breaker_transitions_total` | counter | `dependency`, `to` = open / half_open / closed |
+//! | `resilience_calls_refused_total` | counter | `dependency`; refused at once by an open breaker |
+//! | `resilience_timeouts_total` | counter | `dependency`; attempts cut by the policy's timeout |
+//! | `resilience_retries_total` | counter | `dependency`, `outcome` = attempted / refused_by_budget |
+//! | `inbound_shed_total` | counter | `protocol` = http / grpc; requests refused at the concurrency limit |
 
 use std::{
     future::Future,
@@ -101,6 +107,24 @@ pub struct Metrics {
     pub inbox_consumer_lag: IntGaugeVec,
     /// Idempotency-Key outcomes.
     pub idempotency_outcomes: IntCounterVec,
+    /// Circuit breaker state per dependency.
+    pub breaker_state: IntGaugeVec,
+    /// Breaker transitions per dependency and target state.
+    pub breaker_transitions: IntCounterVec,
+    /// Calls refused by an open breaker.
+    pub calls_refused: IntCounterVec,
+    /// Attempts cut by a policy timeout.
+    pub dependency_timeouts: IntCounterVec,
+    /// Retries attempted or refused by the budget.
+    pub retries: IntCounterVec,
+    /// Inbound requests shed at the concurrency limit.
+    pub shed: IntCounterVec,
+}
+
+fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> anyhow::Result<IntCounterVec> {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(vec.clone()))?;
+    Ok(vec)
 }
 
 impl Metrics {
@@ -206,7 +230,48 @@ impl Metrics {
         registry.register(Box::new(outbox_dead_letters.clone()))?;
         registry.register(Box::new(outbox_partitions_owned.clone()))?;
         registry.register(Box::new(outbox_publish_latency.clone()))?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new("resilience_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open"),
+            &["dependency"],
+        )?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        let breaker_transitions = counters(
+            &registry,
+            "resilience_breaker_transitions_total",
+            "Circuit breaker transitions",
+            &["dependency", "to"],
+        )?;
+        let calls_refused = counters(
+            &registry,
+            "resilience_calls_refused_total",
+            "Calls refused by an open breaker",
+            &["dependency"],
+        )?;
+        let dependency_timeouts = counters(
+            &registry,
+            "resilience_timeouts_total",
+            "Attempts cut by the policy timeout",
+            &["dependency"],
+        )?;
+        let retries = counters(
+            &registry,
+            "resilience_retries_total",
+            "Retries attempted or refused by the retry budget",
+            &["dependency", "outcome"],
+        )?;
+        let shed = counters(
+            &registry,
+            "inbound_shed_total",
+            "Requests shed at the concurrency limit",
+            &["protocol"],
+        )?;
         Ok(Arc::new(Self {
+            breaker_state,
+            breaker_transitions,
+            calls_refused,
+            dependency_timeouts,
+            retries,
+            shed,
             registry,
             http_requests,
             http_duration,

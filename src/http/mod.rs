@@ -1,7 +1,9 @@
 //! The REST adapter: `/v1/orders`, `/healthz`, `/readyz` and `/openapi.json`.
 //!
-//! Inbound protection lives here: a per-request deadline (503 problem on expiry), a body
-//! size limit (413), and problem+json for every error, including unknown routes.
+//! Inbound protection lives here: the shared concurrency limit with load shedding (503
+//! problem, `Retry-After`), a per-request deadline (503 problem on expiry, and the
+//! database's statement timeout for the request's transaction), a body size limit (413),
+//! and problem+json for every error, including unknown routes.
 
 pub(crate) mod extract;
 pub mod orders;
@@ -27,6 +29,7 @@ use crate::{
     idempotency::{self, http::IdempotencyLayerState},
     metrics::{self, Metrics},
     orders::Orders,
+    resilience::inbound::InboundLayer,
 };
 
 /// What every REST handler can reach.
@@ -49,7 +52,8 @@ pub struct AppState {
 `validation` (400, with `errors[]` naming each field), `malformed-request` (400), \
 `unsupported-media-type` (415), `payload-too-large` (413), `not-found` (404), \
 `method-not-allowed` (405), `invalid-state` (409), `concurrent-update` (409, retry), \
-`unavailable` (503, retry after `Retry-After`), `timeout` (503, retry), `internal` (500).",
+`unavailable` (503, retry after `Retry-After`), `timeout` (503, retry), `overloaded` (503, \
+shed at the concurrency limit before any work; retry after `Retry-After`), `internal` (500).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(orders::create_order, orders::get_order, orders::list_orders, orders::cancel_order, healthz, readyz),
@@ -64,12 +68,19 @@ pub fn openapi_yaml() -> anyhow::Result<String> {
 }
 
 /// Limits applied to every REST request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Limits {
     /// Deadline for one request.
     pub request_timeout: Duration,
     /// Largest accepted body.
     pub body_limit_bytes: usize,
+    /// Load shedding and the request deadline, shared with the gRPC listener.
+    pub inbound: InboundLayer<axum::body::Body>,
+}
+
+/// The answer to a request shed at the concurrency limit: 503 problem, `Retry-After`.
+pub fn overloaded() -> axum::response::Response {
+    ApiError::Overloaded.into_response()
 }
 
 /// Builds the REST router; without the `api` role only the probes are served.
@@ -83,10 +94,12 @@ pub fn router(
     let api = if api_role {
         let required = middleware::from_fn_with_state(idempotency.clone(), idempotency::http::required);
         let optional = middleware::from_fn_with_state(idempotency, idempotency::http::optional);
+        // The API routes, not the probes, sit behind the shared concurrency limit.
         Router::new()
             .route("/v1/orders", post(orders::create_order).layer(required).get(orders::list_orders))
             .route("/v1/orders/{id}", get(orders::get_order))
             .route("/v1/orders/{id}/cancel", post(orders::cancel_order).layer(optional))
+            .layer(limits.inbound.clone())
     } else {
         Router::new()
     };

@@ -3,7 +3,7 @@
 //! deadline. A slow, absent or blackholed Redis degrades to the PostgreSQL backstop
 //! instead of stalling requests (each waits at most `APP_REDIS__TIMEOUT_MS`, concurrently).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -11,7 +11,10 @@ use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use tokio::sync::watch;
 
 use super::{Begin, Fingerprint, KeyStore, Record, ScopedKey, StoredResponse};
-use crate::backoff::Backoff;
+use crate::{
+    backoff::Backoff,
+    resilience::{Failure, Policy, Refused},
+};
 
 /// Deletes the in-flight marker only if it still carries our token.
 const RELEASE: &str = r#"
@@ -40,8 +43,10 @@ pub struct RedisKeyStore {
     link: watch::Receiver<Link>,
     /// Namespaces keys (`orders-service:idem:` by default; tests use their own).
     prefix: String,
-    /// Deadline for each Redis round trip.
+    /// Deadline for a connection being established (commands: the policy's timeout).
     timeout: Duration,
+    /// The Redis policy: breaker, timeout, concurrency limit.
+    policy: Arc<Policy>,
     /// Stops the background connector when the store is dropped.
     connector: tokio::task::AbortHandle,
 }
@@ -49,11 +54,11 @@ pub struct RedisKeyStore {
 impl RedisKeyStore {
     /// Starts connecting in the background (retrying with backoff until Redis answers);
     /// requests never queue behind it. Needs a Tokio runtime.
-    pub fn new(url: &str, prefix: String, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(url: &str, prefix: String, timeout: Duration, policy: Arc<Policy>) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).context("APP_REDIS__URL is not a valid redis:// URL")?;
         let (publish, link) = watch::channel(Link::Connecting);
         let connector = tokio::spawn(connect(client, timeout, publish)).abort_handle();
-        Ok(Self { link, prefix, timeout, connector })
+        Ok(Self { link, prefix, timeout, policy, connector })
     }
 
     async fn connection(&self) -> anyhow::Result<ConnectionManager> {
@@ -73,15 +78,33 @@ impl RedisKeyStore {
         format!("{}{}", self.prefix, key.as_str())
     }
 
+    /// One Redis command under the Redis policy: refused at once while the breaker is
+    /// open (the database backstop decides), cut at the timeout otherwise.
     async fn bounded<T>(
         &self,
         what: &str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> anyhow::Result<T> {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .with_context(|| format!("Redis {what} timed out"))?
-            .with_context(|| format!("Redis {what}"))
+        match self.policy.once(async { call.await.map_err(RedisDown) }).await {
+            Ok(value) => Ok(value),
+            Err(Refused::Failed(RedisDown(e))) => Err(anyhow::Error::new(e).context(format!("Redis {what}"))),
+            Err(refused) => Err(anyhow::Error::new(refused).context(format!("Redis {what}"))),
+        }
+    }
+}
+
+/// Any Redis error counts against its breaker: this store only runs commands that succeed
+/// on a healthy server.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct RedisDown(redis::RedisError);
+
+impl Failure for RedisDown {
+    fn is_outage(&self) -> bool {
+        true
+    }
+    fn is_retriable(&self) -> bool {
+        false
     }
 }
 

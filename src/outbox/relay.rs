@@ -17,7 +17,7 @@
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -30,6 +30,7 @@ use crate::{
     backoff::Backoff,
     metrics::Metrics,
     publish::{OutboundMessage, PublishError, Publisher},
+    resilience::Policy,
     store::StoreError,
 };
 
@@ -75,6 +76,8 @@ pub struct PassReport {
     pub outage: bool,
     /// The producer reported a fatal error; it was rebuilt and the leases released.
     pub fatal: bool,
+    /// The Kafka breaker is open: nothing was fetched or published.
+    pub refused: bool,
     /// When the earliest retry this relay scheduled becomes due, if one is pending.
     pub next_retry_in: Option<Duration>,
     /// Partitions owned during this pass.
@@ -108,6 +111,9 @@ pub struct Relay {
     leases: Mutex<Leases>,
     /// When the backlog gauges were last refreshed (they cost a query).
     stats_at: Mutex<Option<Instant>>,
+    /// The broker's breaker, when publishing to Kafka: while it is open, passes neither read
+    /// the outbox nor publish.
+    publish_policy: OnceLock<Arc<Policy>>,
 }
 
 impl Relay {
@@ -130,7 +136,14 @@ impl Relay {
             settings,
             leases: Mutex::new(Leases::default()),
             stats_at: Mutex::new(None),
+            publish_policy: OnceLock::new(),
         })
+    }
+
+    /// Puts publishing behind the broker's breaker: a pass the broker acknowledged nothing
+    /// of counts as a failure, any acknowledgement as a success.
+    pub fn guard_publishing(&self, policy: Arc<Policy>) {
+        let _ = self.publish_policy.set(policy);
     }
 
     /// This relay's lease owner id.
@@ -190,6 +203,14 @@ impl Relay {
         if owned.is_empty() {
             return Ok(report);
         }
+        let permit = match self.publish_policy.get().map(|policy| policy.permit()) {
+            Some(None) => {
+                report.refused = true; // breaker open: no statement, no publish
+                return Ok(report);
+            }
+            Some(Some(permit)) => Some(permit),
+            None => None,
+        };
         let rows = self.store.fetch_due(&owned, self.settings.batch_size, Utc::now()).await?;
         report.full_batches = owned
             .iter()
@@ -204,6 +225,11 @@ impl Relay {
         }
         if !rows.is_empty() {
             self.publish(rows, &mut leases, &mut report).await?;
+            match permit {
+                Some(permit) if report.outage => permit.failure(),
+                Some(permit) => permit.success(),
+                None => {}
+            }
         }
         let now = Instant::now();
         while leases.retries.peek().is_some_and(|Reverse(at)| *at <= now) {
@@ -351,6 +377,7 @@ impl Relay {
             let relay = self.clone();
             let pass = tokio::spawn(async move { relay.relay_once().await });
             let (wait, wake_on_commit) = match pass.await {
+                Ok(Ok(report)) if report.refused => (self.settings.poll_interval, false),
                 Ok(Ok(report)) if report.outage => {
                     failures = 0;
                     outages += 1;

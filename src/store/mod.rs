@@ -107,6 +107,7 @@ macro_rules! sql_tx {
     };
 }
 
+mod guarded;
 mod postgres;
 mod postgres_outbox;
 mod sql;
@@ -126,6 +127,7 @@ use crate::{
     domain::{ListQuery, Order, OrderId},
     inbox::{CustomerProjection, Rejection},
     outbox::{NewOutboxEvent, OutboxStore},
+    resilience::Policy,
 };
 
 pub use postgres::PostgresStore;
@@ -332,6 +334,22 @@ pub struct Stores {
     pub inbox: Arc<dyn Store>,
     /// LISTEN/NOTIFY wake-ups (PostgreSQL only): one listener, one notifier connection.
     pub notify_pool: Option<sqlx::PgPool>,
+}
+
+/// Opens the stores with every PostgreSQL pool behind `policy` (the database's breaker,
+/// timeout and retry budget, shared by all roles: it is one database).
+pub async fn connect_guarded(settings: &DatabaseSettings, policy: Arc<Policy>) -> anyhow::Result<Stores> {
+    let stores = connect(settings).await?;
+    if stores.notify_pool.is_none() {
+        return Ok(stores); // SQLite: in-process, nothing to break
+    }
+    let guard = |store: Arc<dyn Store>| guarded::Guarded::wrap(store, policy.clone());
+    Ok(Stores {
+        api: guard(stores.api),
+        relay: guard(stores.relay),
+        inbox: guard(stores.inbox),
+        notify_pool: stores.notify_pool,
+    })
 }
 
 /// Opens the stores named by the URL's scheme.

@@ -19,6 +19,7 @@ use crate::{
     config::DatabaseSettings,
     domain::{ListQuery, Order, OrderId},
     inbox::Rejection,
+    resilience::inbound,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -30,6 +31,8 @@ pub struct PostgresStore {
     /// How long `migrate` waits for a lock (another replica migrating, a long transaction
     /// on a table a migration alters) before failing with a message naming the holders.
     migration_lock_timeout: Duration,
+    /// The pool's statement timeout; a nearer request deadline replaces it per transaction.
+    statement_timeout: Duration,
 }
 
 impl PostgresStore {
@@ -51,7 +54,11 @@ impl PostgresStore {
             .max_connections(max_connections)
             .acquire_timeout(settings.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool, migration_lock_timeout: settings.migration_lock_timeout })
+        Ok(Self {
+            pool,
+            migration_lock_timeout: settings.migration_lock_timeout,
+            statement_timeout: settings.statement_timeout,
+        })
     }
 
     /// The underlying pool, for tests and metrics.
@@ -69,9 +76,25 @@ impl PostgresStore {
     /// behind a stale transaction after wrk closed its connections).
     pub(super) async fn begin_shielded(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         let pool = self.pool.clone();
-        match tokio::spawn(async move { pool.begin().await }).await {
+        let begin = self.begin_statement();
+        match tokio::spawn(async move { pool.begin_with(begin).await }).await {
             Ok(result) => Ok(result?),
             Err(e) => Err(StoreError::Other(anyhow::Error::new(e).context("BEGIN task failed"))),
+        }
+    }
+
+    /// `BEGIN`, and when the request being served has a deadline nearer than the pool's
+    /// statement timeout, `SET LOCAL statement_timeout` to what is left of it (plus a small
+    /// margin, so the caller's own timeout answers first), in the same round trip: a
+    /// statement nobody waits for any more is cancelled by the server.
+    fn begin_statement(&self) -> String {
+        const MARGIN: Duration = Duration::from_millis(50);
+        let remaining = inbound::deadline().map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        match remaining.map(|left| left + MARGIN) {
+            Some(limit) if limit < self.statement_timeout => {
+                format!("BEGIN; SET LOCAL statement_timeout = {}", limit.as_millis())
+            }
+            _ => "BEGIN".to_owned(),
         }
     }
 }

@@ -8,7 +8,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::support::{Backend, TestApp, eventually, problem, valid_order};
+use crate::support::{TestApp, eventually, problem, valid_order};
 
 async fn grpc_status(app: &TestApp, service: &str) -> ServingStatus {
     let mut client = HealthClient::new(app.channel().await);
@@ -35,14 +35,24 @@ async fn ready_when_the_database_is_migrated() {
 }
 
 #[tokio::test]
-async fn database_outage_makes_the_service_unready_then_it_recovers() {
-    let app = TestApp::spawn_with(Backend::Postgres, true).await;
+async fn database_outage_makes_the_service_unready_after_its_grace_then_it_recovers() {
+    let app = TestApp::spawn_via_proxy(&[("APP_HEALTH__DATABASE_GRACE_MS", "1000")]).await;
     let proxy = app.proxy.as_ref().expect("proxy");
     assert_eq!(app.create(&valid_order()).await.status(), 201);
+    eventually(Duration::from_secs(5), "ready", || async { app.get("/readyz").await.status() == 200 }).await;
 
     proxy.cut();
-    let unready = app.get("/readyz").await;
-    assert_eq!(unready.status(), 503);
+    let tolerated = app.get("/readyz").await;
+    assert_eq!(tolerated.status(), 200, "a blip does not pull the replica out of load balancing");
+    let body: Value = tolerated.json().await.expect("json");
+    assert!(body["checks"][0]["detail"].as_str().is_some_and(|d| d.contains("not ready after")), "{body}");
+    let mut unready = app.get("/readyz").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while unready.status() == 200 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        unready = app.get("/readyz").await;
+    }
+    assert_eq!(unready.status(), 503, "not ready once the grace period is over");
     let body: Value = unready.json().await.expect("json");
     assert_eq!(body["checks"][0]["name"], "database");
     assert_eq!(body["checks"][0]["ok"], false);
@@ -63,6 +73,11 @@ async fn database_outage_makes_the_service_unready_then_it_recovers() {
     .await;
     eventually(Duration::from_secs(5), "gRPC health SERVING after recovery", || async {
         grpc_status(&app, "orders.v1.OrderService").await == ServingStatus::Serving
+    })
+    .await;
+    // The database's breaker closes on its next successful probe (reads are probes too).
+    eventually(Duration::from_secs(20), "the breaker to close", || async {
+        app.get("/v1/orders").await.status() == 200
     })
     .await;
     assert_eq!(app.create(&valid_order()).await.status(), 201);

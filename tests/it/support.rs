@@ -119,6 +119,11 @@ impl TestApp {
         Self::start(backend, via_proxy, &[]).await
     }
 
+    /// Starts an instance on a fresh PostgreSQL database reached through a [`ChaosProxy`].
+    pub async fn spawn_via_proxy(extra: &[(&str, &str)]) -> Self {
+        Self::start(Backend::Postgres, true, extra).await
+    }
+
     /// Starts an instance on a fresh database of the given kind with extra settings.
     pub async fn spawn_with_settings(backend: Backend, extra: &[(&str, &str)]) -> Self {
         Self::start(backend, false, extra).await
