@@ -183,7 +183,11 @@ impl ApiError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable(_) | Self::Timeout | Self::IdempotencyInFlight | Self::ConcurrentUpdate
+            Self::Unavailable(_)
+                | Self::Timeout
+                | Self::Overloaded
+                | Self::IdempotencyInFlight
+                | Self::ConcurrentUpdate
         )
     }
 

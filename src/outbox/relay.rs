@@ -377,7 +377,8 @@ impl Relay {
             let relay = self.clone();
             let pass = tokio::spawn(async move { relay.relay_once().await });
             let (wait, wake_on_commit) = match pass.await {
-                Ok(Ok(report)) if report.refused => (self.settings.poll_interval, false),
+                // Breaker open: no statement, no publish; look again after a backoff.
+                Ok(Ok(report)) if report.refused => (self.settings.backoff.delay(outages.max(1)), false),
                 Ok(Ok(report)) if report.outage => {
                     failures = 0;
                     outages += 1;

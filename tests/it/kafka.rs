@@ -123,13 +123,19 @@ pub struct PrivateBroker {
 impl PrivateBroker {
     /// Starts tansu on `port` (memory storage) and waits until it accepts connections.
     pub async fn start(port: u16) -> Self {
+        Self::start_advertising(port, port).await
+    }
+
+    /// Starts tansu on `port`, telling clients to connect to `advertised` (a fault proxy in
+    /// front of it), so every client connection passes the proxy.
+    pub async fn start_advertising(port: u16, advertised: u16) -> Self {
         // scripts/kafka.sh installs it there; TANSU_BIN overrides.
         let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
             format!("{}/.cache/orders-service/tansu/bin/tansu", std::env::var("HOME").unwrap_or_default())
         });
-        let url = format!("tcp://127.0.0.1:{port}");
+        let (url, public) = (format!("tcp://127.0.0.1:{port}"), format!("tcp://127.0.0.1:{advertised}"));
         let child = Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &public])
             .args(["--storage-engine", "memory://tansu/"])
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::null())

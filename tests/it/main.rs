@@ -18,6 +18,7 @@ mod openapi;
 mod outbox;
 mod proxy;
 mod relay_faults;
+mod resilience;
 mod rest;
 mod shutdown;
 mod store_conformance;
