@@ -19,6 +19,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     domain::{DomainError, FieldViolation, ValidationError},
+    orders::OrderError,
     store::StoreError,
 };
 
@@ -285,6 +286,18 @@ impl From<DomainError> for ApiError {
         match err {
             DomainError::Validation(v) => Self::Validation(v),
             other => Self::StateConflict(other),
+        }
+    }
+}
+
+impl From<OrderError> for ApiError {
+    fn from(err: OrderError) -> Self {
+        match err {
+            OrderError::NotFound(id) => Self::NotFound { resource: "order", id: id.to_string() },
+            OrderError::Rule(rule) => rule.into(),
+            OrderError::IdempotencyMismatch => Self::IdempotencyMismatch,
+            OrderError::IdempotencyInFlight => Self::IdempotencyInFlight,
+            OrderError::Store(store) => store.into(),
         }
     }
 }

@@ -78,7 +78,7 @@ impl OrderService for GrpcOrders {
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
         let id = OrderId::parse("id", &request.into_inner().id).map_err(ApiError::from)?;
-        let (order, customer_display_name) = self.orders.get(id).await?;
+        let (order, customer_display_name) = self.orders.get(id).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::GetOrderResponse {
             order: Some(pb::Order { customer_display_name, ..to_pb(order) }),
         }))
@@ -91,7 +91,7 @@ impl OrderService for GrpcOrders {
         let r = request.into_inner();
         let query =
             ListQuery::parse(Some(r.page_size.into()), Some(&r.page_token)).map_err(ApiError::from)?;
-        let page = self.orders.list(query).await?;
+        let page = self.orders.list(query).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::ListOrdersResponse {
             orders: page.orders.into_iter().map(to_pb).collect(),
             next_page_token: page.next.map(|t| t.encode()).unwrap_or_default(),

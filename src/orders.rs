@@ -8,12 +8,32 @@ use chrono::{DateTime, SubsecRound, Utc};
 
 use crate::{
     domain::{DomainError, ListQuery, NewOrder, Order, OrderId, PageToken},
-    error::ApiError,
     events,
     idempotency::IdempotencyContext,
     outbox::{TraceContext, Wakeup},
     store::{IDEMPOTENCY_KEY_INDEX, Store, StoreError, Tx},
 };
+
+/// Why a use-case did not do what was asked. Transport-free: the REST and gRPC edges map
+/// it through the one error table (`error.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    /// There is no such order.
+    #[error("order {0} not found")]
+    NotFound(OrderId),
+    /// A business rule refused the change (e.g. cancelling a cancelled order).
+    #[error(transparent)]
+    Rule(#[from] DomainError),
+    /// The Idempotency-Key is bound to a different request.
+    #[error("the Idempotency-Key was used with a different request")]
+    IdempotencyMismatch,
+    /// A request with the same Idempotency-Key is still running.
+    #[error("a request with this Idempotency-Key is in flight")]
+    IdempotencyInFlight,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// A created order, or the one an earlier request with the same Idempotency-Key created.
 #[derive(Debug)]
@@ -59,7 +79,7 @@ impl Orders {
         new: NewOrder,
         trace: &TraceContext,
         idempotency: Option<&IdempotencyContext>,
-    ) -> Result<Created, ApiError> {
+    ) -> Result<Created, OrderError> {
         // A second round happens only after an expired key binding was released.
         for _ in 0..2 {
             let order = Order::create(OrderId::generate(), new.clone(), now());
@@ -88,11 +108,11 @@ impl Orders {
             self.wakeup.committed(event.partition);
             return Ok(Created { order, replayed: false });
         }
-        Err(ApiError::IdempotencyInFlight)
+        Err(OrderError::IdempotencyInFlight)
     }
 
     /// The order already bound to the key, if the binding is live and the request matches.
-    async fn existing(&self, idem: &IdempotencyContext) -> Result<Option<Created>, ApiError> {
+    async fn existing(&self, idem: &IdempotencyContext) -> Result<Option<Created>, OrderError> {
         let Some(bound) = self.store.find_by_idempotency_key(idem.key.as_str()).await? else {
             return Ok(None);
         };
@@ -104,22 +124,22 @@ impl Orders {
             return Ok(None);
         }
         if bound.fingerprint != idem.fingerprint.0 {
-            return Err(ApiError::IdempotencyMismatch);
+            return Err(OrderError::IdempotencyMismatch);
         }
         Ok(Some(Created { order: bound.order, replayed: true }))
     }
 
     /// Reads one order, with its customer's display name when the projection knows it.
     #[tracing::instrument(skip(self), err(level = "debug"))]
-    pub async fn get(&self, id: OrderId) -> Result<(Order, Option<String>), ApiError> {
-        let order = self.store.get_order(id).await?.ok_or_else(|| not_found(id))?;
+    pub async fn get(&self, id: OrderId) -> Result<(Order, Option<String>), OrderError> {
+        let order = self.store.get_order(id).await?.ok_or(OrderError::NotFound(id))?;
         let display_name = self.store.customer_display_name(order.customer_id.as_str()).await?;
         Ok((order, display_name))
     }
 
     /// Reads one page of orders, newest first.
     #[tracing::instrument(skip(self), err(level = "debug"))]
-    pub async fn list(&self, query: ListQuery) -> Result<Page, ApiError> {
+    pub async fn list(&self, query: ListQuery) -> Result<Page, OrderError> {
         let mut orders = self.store.list_orders(&query).await?;
         let page_size = query.page_size as usize;
         let next = if orders.len() > page_size {
@@ -134,12 +154,12 @@ impl Orders {
     /// Cancels a PENDING order (any other state is a conflict) and emits `OrderCancelled`
     /// in the same transaction.
     #[tracing::instrument(skip(self, trace), err(level = "debug"))]
-    pub async fn cancel(&self, id: OrderId, trace: &TraceContext) -> Result<Order, ApiError> {
+    pub async fn cancel(&self, id: OrderId, trace: &TraceContext) -> Result<Order, OrderError> {
         let mut tx = self.store.begin().await?;
         let order = match change_order(&mut *tx, id, |order| order.cancel(now())).await? {
             Ok(order) => order,
-            Err(Refused::NotFound(id)) => return Err(not_found(id)),
-            Err(Refused::Rule(rule)) => return Err(rule.into()),
+            Err(Refused::NotFound(id)) => return Err(OrderError::NotFound(id)),
+            Err(Refused::Rule(rule)) => return Err(OrderError::Rule(rule)),
         };
         let event = events::order_cancelled(&order, trace, self.partitions);
         tx.insert_outbox(&event).await?;
@@ -183,8 +203,4 @@ pub(crate) async fn change_order(
 /// response and a later read of the same order agree to the digit.
 pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
-}
-
-fn not_found(id: OrderId) -> ApiError {
-    ApiError::NotFound { resource: "order", id: id.to_string() }
 }
