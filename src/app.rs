@@ -270,8 +270,15 @@ impl App {
             body_limit: settings.http.body_limit_bytes,
         };
         let rest = http::router(state, metrics.clone(), limits, settings.roles.api, idempotency_layer);
+        let g = &settings.grpc;
         let grpc_server = Server::builder()
             .timeout(settings.http.request_timeout)
+            // GOAWAY on aged connections and at the start of the drain (tonic's graceful
+            // shutdown), so clients behind a connection-balancing Service move on.
+            .max_connection_age(g.max_connection_age)
+            .max_connection_age_grace(g.max_connection_age_grace)
+            .http2_keepalive_interval(Some(g.keepalive_interval))
+            .http2_keepalive_timeout(Some(g.keepalive_timeout))
             .layer(GrpcMetricsLayer(metrics.clone()))
             .layer(tower::util::MapResponseLayer::new(grpc::replayed_trailers::<tonic::body::Body>))
             .layer(grpc_inbound)

@@ -29,6 +29,14 @@ pub struct RedisSettings {
 pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_HTTP__ADDR", "127.0.0.1:8080", "REST API, /healthz, /readyz"),
     ("APP_GRPC__ADDR", "127.0.0.1:50051", "gRPC API, health, reflection"),
+    (
+        "APP_GRPC__MAX_CONNECTION_AGE_MS",
+        "300000",
+        "connections get GOAWAY after this long (rebalancing without a mesh)",
+    ),
+    ("APP_GRPC__MAX_CONNECTION_AGE_GRACE_MS", "30000", "in-flight calls may finish this long after GOAWAY"),
+    ("APP_GRPC__KEEPALIVE_INTERVAL_MS", "30000", "HTTP/2 PING interval on idle connections"),
+    ("APP_GRPC__KEEPALIVE_TIMEOUT_MS", "10000", "a connection whose PING is unanswered this long is closed"),
     ("APP_ADMIN__ADDR", "127.0.0.1:9090", "/metrics"),
     ("APP_HTTP__REQUEST_TIMEOUT_MS", "10000", "per-request deadline (REST and gRPC)"),
     ("APP_HTTP__BODY_LIMIT_BYTES", "1048576", "largest accepted request body / gRPC message"),
@@ -191,11 +199,21 @@ pub struct HttpSettings {
     pub max_concurrent_requests: usize,
 }
 
-/// gRPC listener.
+/// gRPC listener. Behind a plain Kubernetes Service (no mesh), connections, not calls, are
+/// balanced: a maximum connection age makes clients reconnect now and then, so new replicas
+/// get traffic; keepalives find dead peers.
 #[derive(Debug, Clone)]
 pub struct GrpcSettings {
     /// Where the gRPC server listens.
     pub addr: SocketAddr,
+    /// After this long a connection is sent GOAWAY (clients reconnect, maybe elsewhere).
+    pub max_connection_age: Duration,
+    /// How long calls in flight on an aged connection may still finish.
+    pub max_connection_age_grace: Duration,
+    /// HTTP/2 keepalive PING interval.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
 }
 
 /// Admin listener, kept off the public port so metrics are not exposed through ingress.
@@ -345,7 +363,13 @@ impl Settings {
                 body_limit_bytes: env.parse("APP_HTTP__BODY_LIMIT_BYTES")?,
                 max_concurrent_requests: env.parse("APP_HTTP__MAX_CONCURRENT_REQUESTS")?,
             },
-            grpc: GrpcSettings { addr: env.parse("APP_GRPC__ADDR")? },
+            grpc: GrpcSettings {
+                addr: env.parse("APP_GRPC__ADDR")?,
+                max_connection_age: env.millis("APP_GRPC__MAX_CONNECTION_AGE_MS")?,
+                max_connection_age_grace: env.millis("APP_GRPC__MAX_CONNECTION_AGE_GRACE_MS")?,
+                keepalive_interval: env.millis("APP_GRPC__KEEPALIVE_INTERVAL_MS")?,
+                keepalive_timeout: env.millis("APP_GRPC__KEEPALIVE_TIMEOUT_MS")?,
+            },
             admin: AdminSettings { addr: env.parse("APP_ADMIN__ADDR")? },
             database: DatabaseSettings {
                 url: Secret::new(env.raw("APP_DATABASE__URL")),

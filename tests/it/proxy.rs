@@ -184,3 +184,37 @@ impl Drop for Blackhole {
         self.task.abort();
     }
 }
+
+/// What a Kubernetes ClusterIP Service does without a mesh: each new connection goes to
+/// the next upstream in turn; calls on a connection stay with its upstream.
+pub struct RoundRobin {
+    /// Where clients connect (the "Service").
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RoundRobin {
+    /// Balances connections to 127.0.0.1:<random> over `upstreams`.
+    pub async fn start(upstreams: Vec<SocketAddr>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind balancer");
+        let addr = listener.local_addr().expect("balancer addr");
+        let task = tokio::spawn(async move {
+            for next in 0.. {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                let upstream = upstreams[next % upstreams.len()];
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
