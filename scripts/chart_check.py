@@ -194,8 +194,27 @@ def run_like_the_chart(docs, binary, database_url):
         log.close()
 
 
+def value_paths(values, path=()):
+    """The dotted paths of the chart's values, down to the maps that are opaque settings."""
+    opaque = {"config", "values", "resources", "podSecurityContext", "securityContext", "egress"}
+    if isinstance(values, dict) and values and (not path or path[-1] not in opaque):
+        for key, value in values.items():
+            yield from value_paths(value, (*path, key))
+    else:
+        yield ".".join(path)
+
+
+def check_chart_readme():
+    chart = os.path.join(ROOT, "helm", "orders-service")
+    values = yaml.safe_load(open(os.path.join(chart, "values.yaml"), encoding="utf-8"))
+    readme = open(os.path.join(chart, "README.md"), encoding="utf-8").read()
+    missing = [p for p in value_paths(values) if f"| `{p}` |" not in readme]
+    assert not missing, f"helm/orders-service/README.md has no row for {missing}"
+
+
 def main():
     render_dir, binary, database_url = sys.argv[1:4]
+    check_chart_readme()
     default = load(os.path.join(render_dir, "default.yaml"))
     check_default(default)
     check_hpa(load(os.path.join(render_dir, "hpa.yaml")))
