@@ -211,6 +211,7 @@ impl Relay {
             Some(Some(permit)) => Some(permit),
             None => None,
         };
+        let fetched_at = Instant::now();
         let rows = self.store.fetch_due(&owned, self.settings.batch_size, Utc::now()).await?;
         report.full_batches = owned
             .iter()
@@ -231,11 +232,15 @@ impl Relay {
                 None => {}
             }
         }
-        let now = Instant::now();
-        while leases.retries.peek().is_some_and(|Reverse(at)| *at <= now) {
+        // Retries that came due before the fetch were fetched; one that came due during this
+        // pass (or too close to the fetch to tell, given two clocks) makes the next pass
+        // start at once.
+        let settled_before = fetched_at.checked_sub(Duration::from_millis(50)).unwrap_or(fetched_at);
+        while leases.retries.peek().is_some_and(|Reverse(at)| *at <= settled_before) {
             leases.retries.pop();
         }
-        report.next_retry_in = leases.retries.peek().map(|Reverse(at)| *at - now);
+        let now = Instant::now();
+        report.next_retry_in = leases.retries.peek().map(|Reverse(at)| at.saturating_duration_since(now));
         drop(leases);
         self.refresh_stats().await;
         Ok(report)
