@@ -162,18 +162,17 @@ impl KeyStore for RedisKeyStore {
             fingerprint: fingerprint.hex(),
             token: token.clone(),
         })?;
+        // `SET … NX GET` (Redis >= 7): one atomic round trip that either takes the marker
+        // (nil) or returns what holds the key; no window in which the record can expire
+        // between a failed SET and a GET.
         let options = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
+            .get(true)
             .with_expiration(redis::SetExpiry::PX(millis(lock_ttl)));
-        let set: Option<String> =
-            self.bounded("SET NX", con.set_options(self.key(key), &marker, options)).await?;
-        if set.is_some() {
-            return Ok(Begin::Acquired { token });
-        }
-        let existing: Option<String> = self.bounded("GET", con.get(self.key(key))).await?;
+        let existing: Option<String> =
+            self.bounded("SET NX GET", con.set_options(self.key(key), &marker, options)).await?;
         match existing {
-            // Expired between SET and GET: rare; report in-flight so the client retries.
-            None => Ok(Begin::InFlight),
+            None => Ok(Begin::Acquired { token }),
             Some(raw) => Ok(serde_json::from_str::<Record>(&raw)
                 .context("corrupt idempotency record")?
                 .begin_outcome(fingerprint)),

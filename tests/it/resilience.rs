@@ -21,7 +21,7 @@ use crate::{
     kafka,
     outbox::{Instrumented, Pipeline, relay_settings},
     proxy::{ChaosProxy, Mode},
-    support::{Backend, TestApp, eventually, problem, valid_order},
+    support::{Backend, TestApp, eventually, problem, until_blocked_on_lock, valid_order},
 };
 
 /// The value of an unlabelled-by-anything-else sample in the metrics text.
@@ -160,29 +160,37 @@ async fn a_blackholed_database_fails_fast_once_the_breaker_is_open_and_recovers(
     assert_eq!(app.create(&valid_order()).await.status(), 201);
 }
 
+/// Holds `LOCK TABLE orders` until the returned connection is dropped: every statement on
+/// the table waits on the server, provably in flight.
+async fn lock_orders_table(url: &str) -> PgConnection {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut conn).await.expect("begin");
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").execute(&mut conn).await.expect("lock");
+    conn
+}
+
 #[tokio::test]
 async fn reads_are_retried_across_reset_connections_and_writes_are_not_duplicated() {
     let app = TestApp::spawn_via_proxy(&[("APP_ROLES", "api")]).await;
     let proxy = app.proxy.as_ref().expect("proxy");
-    let id = app.create_ok().await["id"].as_str().expect("id").to_owned();
-    // A read in flight (its query held up in the proxy) when every connection is reset.
-    proxy.set(Mode::Delay(Duration::from_millis(200)));
+    app.create_ok().await;
+    // A read waiting on the server (behind a table lock) when its connection is reset.
+    let lock = lock_orders_table(&app.database_url).await;
     let read = {
-        let (client, url) = (app.client.clone(), format!("{}/v1/orders/{id}", app.http));
+        let (client, url) = (app.client.clone(), format!("{}/v1/orders", app.http));
         tokio::spawn(async move { client.get(url).send().await.expect("get").status().as_u16() })
     };
-    // Past the pool's liveness ping (one round trip, 2 × 200 ms): the query is in flight.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    proxy.set(Mode::Pass);
+    until_blocked_on_lock(&app.database_url).await;
     proxy.reset();
+    drop(lock);
     assert_eq!(read.await.expect("task"), 200, "the read was retried on a fresh connection");
     let metrics = app.metrics().await;
     let retried = sample(&metrics, "resilience_retries_total{dependency=\"postgres\",outcome=\"attempted\"}");
     assert!(retried.unwrap_or(0.0) >= 1.0, "{metrics}");
 
-    // A create in flight when its connection is reset is not retried behind the client's
-    // back; the client's retry with the same key makes the one order.
-    proxy.set(Mode::Delay(Duration::from_millis(200)));
+    // A create waiting inside its transaction when its connection is reset is not retried
+    // behind the client's back; the client's retry with the same key makes the one order.
+    let lock = lock_orders_table(&app.database_url).await;
     let create = {
         let (client, url) = (app.client.clone(), format!("{}/v1/orders", app.http));
         tokio::spawn(async move {
@@ -190,11 +198,10 @@ async fn reads_are_retried_across_reset_connections_and_writes_are_not_duplicate
             request.send().await.expect("create").status().as_u16()
         })
     };
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    proxy.set(Mode::Pass);
+    until_blocked_on_lock(&app.database_url).await;
     proxy.reset();
-    let first = create.await.expect("task");
-    assert!(first == 201 || first == 503, "{first}");
+    assert_eq!(create.await.expect("task"), 503, "a write is never retried blindly");
+    drop(lock);
     let retry = app.create_with_key(&valid_order(), "reset-mid-create").await;
     assert_eq!(retry.status(), 201);
     assert_eq!(orders(&app.database_url).await, 2, "no write was duplicated");
@@ -322,6 +329,22 @@ async fn overload_sheds_the_excess_at_once_while_admitted_requests_finish() {
     let metrics = app.metrics().await;
     assert_eq!(sample(&metrics, "inbound_shed_total{protocol=\"http\"}"), Some(20.0));
     assert_eq!(sample(&metrics, "inbound_shed_total{protocol=\"grpc\"}"), Some(1.0));
+}
+
+#[tokio::test]
+async fn against_a_delayed_database_a_client_deadline_is_answered_on_time() {
+    let app = TestApp::spawn_via_proxy(&[("APP_ROLES", "api")]).await;
+    let id = app.create_ok().await["id"].as_str().expect("id").to_owned();
+    app.proxy.as_ref().expect("proxy").set(Mode::Delay(Duration::from_millis(300)));
+    let mut client = app.grpc().await;
+    let mut request = tonic::Request::new(CancelOrderRequest { id });
+    request.set_timeout(Duration::from_millis(50));
+    let started = Instant::now();
+    let status = client.cancel_order(request).await.expect_err("deadline");
+    let took = started.elapsed();
+    eprintln!("delayed database (300 ms per packet), 50 ms deadline: {:?} after {took:?}", status.code());
+    assert!(matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{status:?}");
+    assert!(took < Duration::from_millis(500), "answered at the deadline, not after the database: {took:?}");
 }
 
 #[tokio::test]
