@@ -21,7 +21,9 @@ use crate::{
     kafka,
     outbox::{Instrumented, Pipeline, relay_settings},
     proxy::{ChaosProxy, Mode},
-    support::{Backend, TestApp, eventually, problem, until_blocked_on_lock, valid_order},
+    support::{
+        Backend, TestApp, eventually, problem, until_blocked_on_lock, until_lock_waiters, valid_order,
+    },
 };
 
 /// The value of an unlabelled-by-anything-else sample in the metrics text.
@@ -294,17 +296,7 @@ async fn overload_sheds_the_excess_at_once_while_admitted_requests_finish() {
             tokio::spawn(async move { client.post(url).send().await.expect("cancel").status().as_u16() })
         })
         .collect();
-    eventually(Duration::from_secs(10), "four requests in flight", || async {
-        let mut conn = PgConnection::connect(&app.database_url).await.expect("connect");
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .expect("activity");
-        waiting == 4
-    })
-    .await;
+    until_lock_waiters(&app.database_url, 4).await;
     let started = Instant::now();
     for _ in 0..20 {
         let response = app.get(&format!("/v1/orders/{id}")).await;
@@ -360,15 +352,11 @@ async fn a_client_deadline_cancels_the_statement_on_the_server() {
     eprintln!("client deadline 50 ms: {:?} after {:?}", status.code(), started.elapsed());
     assert!(matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{status:?}");
     // The pool's statement timeout is 5 s; the request's deadline made it ~100 ms.
-    eventually(Duration::from_secs(1), "the server to cancel the abandoned statement", || async {
-        let mut conn = PgConnection::connect(&app.database_url).await.expect("connect");
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .expect("activity");
-        waiting == 0
-    })
-    .await;
+    let cancelled = Instant::now();
+    until_lock_waiters(&app.database_url, 0).await;
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(1),
+        "the statement outlived its caller: {:?}",
+        cancelled.elapsed()
+    );
 }

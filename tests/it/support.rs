@@ -266,8 +266,13 @@ pub async fn lock_order(database_url: &str, id: &str) -> PgConnection {
 /// Waits until one session of `database_url` waits on a lock: a request is provably stuck
 /// behind [`lock_order`] (or a table lock).
 pub async fn until_blocked_on_lock(database_url: &str) {
+    until_lock_waiters(database_url, 1).await;
+}
+
+/// Waits until exactly `n` sessions of `database_url` wait on a lock.
+pub async fn until_lock_waiters(database_url: &str, n: i64) {
     let observer = sqlx::PgPool::connect(database_url).await.expect("connect");
-    eventually(Duration::from_secs(10), "a request to wait on the lock", || {
+    eventually(Duration::from_secs(10), &format!("{n} session(s) to wait on a lock"), || {
         let observer = observer.clone();
         async move {
             let waiting: i64 = sqlx::query_scalar(
@@ -276,7 +281,7 @@ pub async fn until_blocked_on_lock(database_url: &str) {
             .fetch_one(&observer)
             .await
             .expect("pg_stat_activity");
-            waiting == 1
+            waiting == n
         }
     })
     .await;
