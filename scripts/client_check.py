@@ -10,14 +10,14 @@ import uuid
 
 from orders_client import Client
 from orders_client.api.orders import cancel_order, create_order, get_order, list_orders
-from orders_client.models import CreateOrderBody, LineItemBody, OrderBody, OrderStatusBody, Problem
+from orders_client.models import CreateOrderBody, CurrencyCode, LineItemBody, OrderBody, OrderStatusBody, Problem
 
 
 def main(base_url: str) -> None:
     client = Client(base_url=base_url, raise_on_unexpected_status=True)
     body = CreateOrderBody(
         customer_id="client-check",
-        currency="EUR",
+        currency=CurrencyCode.EUR,
         items=[LineItemBody(sku="GEN-1", quantity=3, unit_price_minor=100)],
     )
     key = str(uuid.uuid4())
@@ -33,7 +33,9 @@ def main(base_url: str) -> None:
     fetched = get_order.sync(client=client, id=order.id)
     assert isinstance(fetched, OrderBody) and fetched.status == OrderStatusBody.PENDING, fetched
     page = list_orders.sync(client=client, page_size=1)
-    assert len(page.orders) == 1, page
+    assert [o.id for o in page.orders] == [order.id], page  # newest first
+    following = list_orders.sync(client=client, page_size=100, page_token=page.next_page_token)
+    assert following.orders and order.id not in [o.id for o in following.orders], following
 
     cancelled = cancel_order.sync(client=client, id=order.id)
     assert isinstance(cancelled, OrderBody) and cancelled.status == OrderStatusBody.CANCELLED, cancelled

@@ -49,6 +49,9 @@ psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname L
 log "smoke test of the first command: cargo run with no configuration"
 "$ROOT/scripts/smoke.sh"
 
+log "OpenAPI contract: redocly lint, schemathesis against the live service, the planted 500"
+"$ROOT/scripts/api-fuzz.sh"
+
 log "Helm chart and Kubernetes manifests (lint, schemas, policy, rendering, chart vs binary)"
 "$ROOT/scripts/chart.sh"
 

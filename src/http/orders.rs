@@ -26,30 +26,77 @@ use crate::{
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LineItemBody {
     /// Stock keeping unit: 1–64 characters of `A-Z a-z 0-9 - _ .`.
-    #[schema(example = "SKU-123")]
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "SKU-123")]
     pub sku: String,
-    /// Units ordered: 1–1000.
+    /// Units ordered: 1–1000 (a JSON integer).
     #[schema(minimum = 1, maximum = 1000, example = 2)]
+    #[serde(deserialize_with = "json_integer")]
     pub quantity: i64,
-    /// Price of one unit in the currency's minor unit (cents): >= 0.
-    #[schema(minimum = 0, example = 1999)]
+    /// Price of one unit in the currency's minor unit (cents), a JSON integer from 0 to
+    /// 92233720368547 (so no order total can overflow 64 bits).
+    #[schema(minimum = 0, maximum = 92_233_720_368_547_i64, example = 1999)]
+    #[serde(deserialize_with = "json_integer")]
     pub unit_price_minor: i64,
+}
+
+/// Reads a JSON integer the way JSON Schema defines one: any number with a zero fractional
+/// part, so `2.0` is `2` (a client that writes doubles is not refused for a valid value).
+/// Magnitudes beyond `i64` saturate, so the domain's range check names the field instead of
+/// the parser failing the whole body; numbers with a fraction are refused here.
+fn json_integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(n) = number.as_i64() {
+        return Ok(n);
+    }
+    if number.as_u64().is_some() {
+        return Ok(i64::MAX);
+    }
+    match number.as_f64() {
+        // Saturating cast: out-of-range doubles become i64::MIN / i64::MAX.
+        Some(f) if f.fract() == 0.0 => Ok(f as i64),
+        _ => Err(serde::de::Error::custom(format_args!("invalid number {number}, expected an integer"))),
+    }
 }
 
 /// Body of `POST /v1/orders`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateOrderBody {
-    /// The customer placing the order: 1–64 characters.
-    #[schema(example = "cust-42")]
+    /// The customer placing the order: 1–64 characters of `A-Z a-z 0-9 . _ : @ -`,
+    /// starting with a letter or digit.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$",
+        example = "cust-42"
+    )]
     pub customer_id: String,
     /// 1–100 lines.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<LineItemBody>,
-    /// ISO 4217 code in upper case.
-    #[schema(example = "EUR")]
+    /// An active ISO 4217 currency code, upper case.
+    #[schema(value_type = CurrencyCode, example = "EUR")]
     pub currency: String,
-    /// Optional free text, at most 500 characters.
+    /// Optional free text: at most 500 characters, no control characters except newlines.
+    #[schema(max_length = 500, pattern = "^[^\\x00-\\x09\\x0b-\\x1f\\x7f-\\x9f]*$")]
     pub note: Option<String>,
 }
+
+/// The currency codes the server accepts, as a named enum in the document (from the
+/// domain's list), so generated clients get one `CurrencyCode` type.
+pub struct CurrencyCode;
+
+impl utoipa::PartialSchema for CurrencyCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("An active ISO 4217 currency code, upper case."))
+            .enum_values(Some(crate::domain::ISO_4217.split(' ')))
+            .examples(["EUR"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for CurrencyCode {}
 
 /// Order states; clients must tolerate values added later.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -112,9 +159,11 @@ pub struct OrderPageBody {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// Orders per page: 1–100, default 20.
+    /// Orders per page: 1–100; 0 or absent means 20.
+    #[param(minimum = 0, maximum = 100)]
     pub page_size: Option<i64>,
-    /// `next_page_token` from the previous page.
+    /// `next_page_token` from the previous page (opaque; empty means the first page).
+    #[param(pattern = "^(v1\\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")]
     pub page_token: Option<String>,
 }
 
@@ -173,15 +222,22 @@ impl From<CreateOrderBody> for OrderDraft {
 #[utoipa::path(
     post, path = "/v1/orders", tag = "orders", operation_id = "createOrder",
     params(
-        ("Idempotency-Key" = String, Header, description = "Required. 1-255 visible ASCII characters, bare or quoted. \
-            Scoped to the caller, method and route; a retry with the same key and body replays the original response \
+        ("Idempotency-Key" = String, Header, pattern = "^([!#-~]{1,255}|\"[!#-~]{1,255}\")$",
+            description = "Required. 1-255 visible ASCII characters other than `\"`, bare or in double quotes. \
+            Scoped to the caller, method and target; a retry with the same key and body replays the original response \
             (for 24 h by default)."),
     ),
     request_body = CreateOrderBody,
     responses(
         (status = 201, description = "Order created, or an earlier response replayed", body = OrderBody,
             headers(("Location" = String, description = "URL of the new order"),
-                    ("Idempotent-Replayed" = String, description = "`true` when this is a replay of an earlier response"))),
+                    ("Idempotent-Replayed" = String, description = "`true` when this is a replay of an earlier response")),
+            links(
+                ("GetOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/id")),
+                    description = "The order just created")),
+                ("CancelOrder" = (operation_id = "cancelOrder", parameters(("id" = "$response.body#/id")),
+                    description = "Cancel the order just created")),
+            )),
         (status = 400, description = "Validation failed, malformed JSON, or the Idempotency-Key is missing or malformed", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A request with this Idempotency-Key is still in flight; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The Idempotency-Key was used with a different request", body = Problem, content_type = "application/problem+json"),
@@ -256,7 +312,8 @@ pub async fn list_orders(
     post, path = "/v1/orders/{id}/cancel", tag = "orders", operation_id = "cancelOrder",
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Optional; same semantics as on createOrder."),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^([!#-~]{1,255}|\"[!#-~]{1,255}\")$",
+            description = "Optional; same semantics as on createOrder, scoped to this order."),
     ),
     responses(
         (status = 200, description = "The cancelled order", body = OrderBody),
@@ -280,4 +337,69 @@ pub async fn cancel_order(
 fn trace_context(headers: &HeaderMap) -> TraceContext {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     TraceContext::from_headers(get("traceparent"), get("tracestate"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{CustomerId, Note, Sku};
+    use utoipa::OpenApi;
+
+    /// The document's rule for `field` of component `schema`, as JSON.
+    fn rule(schema: &str, field: &str) -> serde_json::Value {
+        let doc = serde_json::to_value(crate::http::ApiDoc::openapi()).expect("serializable");
+        doc["components"]["schemas"][schema]["properties"][field].clone()
+    }
+
+    /// What a client generated from the document would accept, for a string field.
+    fn spec_accepts(rule: &serde_json::Value, raw: &str) -> bool {
+        let pattern = regex::Regex::new(rule["pattern"].as_str().expect("a pattern")).expect("a valid regex");
+        let chars = raw.chars().count() as u64;
+        pattern.is_match(raw)
+            && rule["minLength"].as_u64().is_none_or(|min| chars >= min)
+            && rule["maxLength"].as_u64().is_none_or(|max| chars <= max)
+    }
+
+    /// The spec and the server agree on every string rule: a string the document allows is
+    /// accepted, and one it forbids is refused, over samples at every edge of each rule.
+    #[test]
+    fn the_documented_string_rules_are_the_servers() {
+        let mut samples: Vec<String> =
+            ["", "a", "A-1", "-a", ".a", "a b", "é", "a@b:c.d_e-f", "a\n", "a\r", "\0", "\u{7f}"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        samples.extend(["a".repeat(63), "a".repeat(64), "a".repeat(65), "é".repeat(500), "é".repeat(501)]);
+        samples.extend(["line\nbreak".into(), "tab\there".into(), "\u{85}".into(), "\u{a0}".into()]);
+        type Accepts = fn(&str) -> bool;
+        let cases: [(&str, &str, &str, Accepts); 3] = [
+            ("CreateOrderBody", "customer_id", CustomerId::PATTERN, |s| CustomerId::parse("f", s).is_ok()),
+            ("LineItemBody", "sku", Sku::PATTERN, |s| Sku::parse("f", s).is_ok()),
+            ("CreateOrderBody", "note", Note::PATTERN, |s| Note::parse("f", s).is_ok()),
+        ];
+        for (schema, field, pattern, server_accepts) in cases {
+            let rule = rule(schema, field);
+            assert_eq!(rule["pattern"], pattern, "{schema}.{field}: the attribute drifted from the domain");
+            for raw in &samples {
+                assert_eq!(spec_accepts(&rule, raw), server_accepts(raw), "{schema}.{field} on {raw:?}");
+            }
+        }
+    }
+
+    /// JSON Schema's integer is any number without a fraction; so is the server's.
+    #[test]
+    fn integers_follow_json_schema() {
+        let line = |n: &str| {
+            serde_json::from_str::<LineItemBody>(&format!(
+                r#"{{"sku":"A","quantity":{n},"unit_price_minor":{n}}}"#
+            ))
+        };
+        assert_eq!(line("2.0").expect("integral double").quantity, 2);
+        assert_eq!(line("1e3").expect("exponent").unit_price_minor, 1000);
+        assert_eq!(line("1e30").expect("saturates").quantity, i64::MAX);
+        assert_eq!(line("18446744073709551615").expect("saturates").quantity, i64::MAX);
+        assert_eq!(line("-1e30").expect("saturates").quantity, i64::MIN);
+        assert!(line("2.5").is_err());
+        assert!(line("\"2\"").is_err());
+    }
 }

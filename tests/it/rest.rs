@@ -108,7 +108,10 @@ async fn every_validation_rule_names_its_field() {
     expect_violation(&app, "items[0].unit_price_minor", |b| b["items"][0]["unit_price_minor"] = json!(-1))
         .await;
     expect_violation(&app, "items[0].sku", |b| b["items"][0]["sku"] = json!("has space")).await;
-    expect_violation(&app, "items", |b| b["items"][0]["unit_price_minor"] = json!(i64::MAX)).await;
+    expect_violation(&app, "items[0].unit_price_minor", |b| {
+        b["items"][0]["unit_price_minor"] = json!(i64::MAX)
+    })
+    .await;
     expect_violation(&app, "currency", |b| b["currency"] = json!("EURO")).await;
     expect_violation(&app, "note", |b| b["note"] = json!("n".repeat(501))).await;
     // Boundaries that must pass.
