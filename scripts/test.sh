@@ -20,7 +20,6 @@ export TEST_KAFKA_BROKERS="${TEST_KAFKA_BROKERS:-127.0.0.1:9092}"
 export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 log "tools"
 "$ROOT/scripts/tools.sh"
-BUF="$ORDERS_CACHE/node/node_modules/.bin/buf"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -28,12 +27,8 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
-log "buf lint and format (and breaking changes against main, on other branches)"
-"$BUF" lint
-"$BUF" format -d --exit-code
-if git rev-parse -q --verify main >/dev/null && [ "$(git rev-parse HEAD)" != "$(git rev-parse main)" ]; then
-  "$BUF" breaking --against '.git#branch=main'
-fi
+log "buf lint, format, breaking against main (on other branches), and proof that breaking bites"
+"$ROOT/scripts/proto-check.sh"
 
 log "shellcheck"
 shellcheck -x scripts/*.sh .ci/run
