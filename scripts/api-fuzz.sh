@@ -71,7 +71,10 @@ APP_DATABASE__URL="$(printf '%s' "$TEST_DATABASE_URL" | sed "s#/[^/]*\$#/$databa
   APP_HTTP__ADDR="$http" APP_GRPC__ADDR="127.0.0.1:$((base + 1))" APP_ADMIN__ADDR="127.0.0.1:$((base + 2))" \
   "$CARGO_TARGET_DIR/debug/orders-service" >"$work/service.log" 2>&1 &
 pids+=("$!")
-wait_for 60 "the service's /readyz" curl -fsS "http://$http/readyz"
+if ! (wait_for 60 "the service's /readyz" curl -fsS "http://$http/readyz"); then
+  tail -n 50 "$work/service.log"
+  die "the service did not become ready"
+fi
 if ! schemathesis "http://$http/openapi.json"; then
   tail -n 50 "$work/service.log"
   die "schemathesis found failures (reproduce: FUZZ_SEED=${FUZZ_SEED:-1} $0)"

@@ -13,6 +13,7 @@ use tonic_health::{pb::health_server::HealthServer, server::HealthReporter, serv
 use crate::{
     admin::{self, AdminState},
     config::Settings,
+    deprecation::{self, DeprecationLayer, Deprecations},
     grpc::{self, GrpcOrders},
     health::Readiness,
     http::{self, AppState, Limits},
@@ -264,7 +265,17 @@ impl App {
             shed("grpc"),
         );
         let idempotency = idempotency_service(&settings, pg_pool.is_some(), &policies, metrics.clone())?;
-        let state = AppState { orders: orders.clone(), readiness: readiness.clone() };
+        let deprecations = Deprecations::new(
+            settings.deprecations.clone(),
+            Arc::new(chrono::Utc::now),
+            settings.idempotency.identity_header.clone(),
+            metrics.deprecated_calls.clone(),
+        );
+        let state = AppState {
+            orders: orders.clone(),
+            readiness: readiness.clone(),
+            deprecations: deprecations.clone(),
+        };
         let idempotency_layer = IdempotencyLayerState {
             idempotency: idempotency.clone(),
             body_limit: settings.http.body_limit_bytes,
@@ -282,6 +293,7 @@ impl App {
             .layer(GrpcMetricsLayer(metrics.clone()))
             .layer(tower::util::MapResponseLayer::new(grpc::replayed_trailers::<tonic::body::Body>))
             .layer(grpc_inbound)
+            .layer(DeprecationLayer::new(deprecations, deprecation::grpc_gone))
             .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
             .add_service(reflection().build_v1()?)
             // grpcurl before 1.9 and many other tools only speak v1alpha.

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Durat
 
 use crate::{
     backoff::Backoff,
+    deprecation::Deprecation,
     idempotency::IdempotencySettings,
     inbox::InboxSettings,
     publish::{KafkaSettings, TopicSettings},
@@ -111,6 +112,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "relay passes without an acknowledgement that open the breaker",
     ),
     ("APP_RESILIENCE__KAFKA__BREAKER_OPEN_MS", "5000", "first open period of the Kafka breaker"),
+    (
+        "APP_DEPRECATIONS",
+        "",
+        "JSON table of deprecated operations with deprecation, sunset, link, successor; empty = built-in",
+    ),
     ("APP_LOG_FORMAT", "text", "text or json"),
     ("APP_LOG_LEVEL", "info", "tracing filter, e.g. info,orders_service=debug"),
 ];
@@ -169,6 +175,8 @@ pub struct Settings {
     pub redis: Option<RedisSettings>,
     /// Per-dependency resilience policies.
     pub resilience: ResilienceSettings,
+    /// Deprecated operations and their sunsets.
+    pub deprecations: Vec<Deprecation>,
     /// `APP_*` variables that matched no setting (probably typos), reported after logging starts.
     unknown: Vec<String>,
 }
@@ -459,6 +467,12 @@ impl Settings {
                 }),
             },
             resilience: resilience(&env)?,
+            deprecations: {
+                let raw = env.raw("APP_DEPRECATIONS");
+                let raw = if raw.trim().is_empty() { crate::deprecation::DEFAULT_TABLE } else { &raw };
+                crate::deprecation::parse_table(raw, &crate::deprecation::known_operations())
+                    .map_err(|message| error("APP_DEPRECATIONS", message))?
+            },
             unknown: vars
                 .keys()
                 .filter(|k| !VARIABLES.iter().any(|(name, _, _)| name == k))
@@ -777,6 +791,19 @@ mod tests {
         let settings = Settings::from_vars(vars(&[("APP_DATABASE__URL", "postgres://u:hunter2@db/orders")]))
             .expect("valid");
         assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_sunset_before_its_deprecation_stops_startup() {
+        let table = r#"[{"operation":"GET /v1/orders/{id}/status","deprecation":"2027-01-01T00:00:00Z",
+            "sunset":"2026-01-01T00:00:00Z","link":"https://docs.example/d"}]"#;
+        let err = Settings::from_vars(vars(&[("APP_DEPRECATIONS", table)])).expect_err("refused");
+        assert_eq!(err.variable, "APP_DEPRECATIONS");
+        assert!(err.message.contains("must come after the deprecation"), "{err}");
+        let defaults = Settings::from_vars(vars(&[])).expect("valid");
+        assert_eq!(defaults.deprecations.len(), 2, "the built-in table");
+        let none = Settings::from_vars(vars(&[("APP_DEPRECATIONS", "[]")])).expect("valid");
+        assert!(none.deprecations.is_empty());
     }
 
     #[test]

@@ -75,6 +75,18 @@ pub enum ApiError {
     /// More requests are in flight than the server admits; this one was shed unread.
     #[error("the server is at its concurrency limit; retry later")]
     Overloaded,
+    /// The operation passed its sunset (see [`crate::deprecation`]); it will not come back.
+    #[error("{operation} was retired at {sunset}{}; see {link}", successor.as_ref().map(|s| format!(", use {s}")).unwrap_or_default())]
+    Gone {
+        /// The retired operation, as the deprecation table names it.
+        operation: String,
+        /// When it was retired (RFC 3339).
+        sunset: String,
+        /// What to use instead.
+        successor: Option<String>,
+        /// The migration documentation.
+        link: String,
+    },
     /// A bug or an unexpected state; details are logged, never returned.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -165,6 +177,7 @@ impl ApiError {
             Self::Overloaded => {
                 ("overloaded", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "Server overloaded")
             }
+            Self::Gone { .. } => ("gone", StatusCode::GONE, Code::Unimplemented, "Operation retired"),
             Self::Internal(_) => {
                 ("internal", StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, "Internal error")
             }
@@ -269,6 +282,17 @@ impl From<ApiError> for tonic::Status {
         err.log();
         let kind = err.kind();
         let message = err.to_string();
+        if let ApiError::Gone { sunset, successor, link, .. } = &err {
+            let mut metadata = std::collections::HashMap::from([
+                ("sunset".to_owned(), sunset.clone()),
+                ("link".to_owned(), link.clone()),
+            ]);
+            if let Some(successor) = successor {
+                metadata.insert("successor".to_owned(), successor.clone());
+            }
+            let details = ErrorDetails::with_error_info("API_SUNSET", "orders-service", metadata);
+            return tonic::Status::with_error_details(kind.code, message, details);
+        }
         let violations = err.violations();
         if violations.is_empty() {
             return tonic::Status::new(kind.code, message);

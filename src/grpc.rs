@@ -84,6 +84,16 @@ impl OrderService for GrpcOrders {
         }))
     }
 
+    async fn get_order_status(
+        &self,
+        request: Request<pb::GetOrderStatusRequest>,
+    ) -> Result<Response<pb::GetOrderStatusResponse>, Status> {
+        let id = OrderId::parse("id", &request.into_inner().id).map_err(ApiError::from)?;
+        let (order, _) = self.orders.get(id).await.map_err(ApiError::from)?;
+        let pb::Order { id, status, .. } = to_pb(order);
+        Ok(Response::new(pb::GetOrderStatusResponse { id, status }))
+    }
+
     async fn list_orders(
         &self,
         request: Request<pb::ListOrdersRequest>,

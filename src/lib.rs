@@ -32,6 +32,7 @@ pub mod admin;
 pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod deprecation;
 pub mod domain;
 pub mod error;
 pub mod events;

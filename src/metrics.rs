@@ -33,6 +33,7 @@
 //! | `resilience_timeouts_total` | counter | `dependency`; attempts cut by the policy's timeout |
 //! | `resilience_retries_total` | counter | `dependency`, `outcome` = attempted / refused_by_budget |
 //! | `inbound_shed_total` | counter | `protocol` = http / grpc; requests refused at the concurrency limit |
+//! | `deprecated_calls_total` | counter | `operation`, `caller`, `outcome` = served / gone; calls to operations in the deprecation table (`caller` is the trusted identity header, else `anonymous`) |
 
 use std::{
     future::Future,
@@ -119,6 +120,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Inbound requests shed at the concurrency limit.
     pub shed: IntCounterVec,
+    /// Calls to deprecated operations, per caller: who still has to migrate.
+    pub deprecated_calls: IntCounterVec,
 }
 
 fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> anyhow::Result<IntCounterVec> {
@@ -265,7 +268,14 @@ impl Metrics {
             "Requests shed at the concurrency limit",
             &["protocol"],
         )?;
+        let deprecated_calls = counters(
+            &registry,
+            "deprecated_calls_total",
+            "Calls to deprecated operations (served before the sunset, gone after it)",
+            &["operation", "caller", "outcome"],
+        )?;
         Ok(Arc::new(Self {
+            deprecated_calls,
             breaker_state,
             breaker_transitions,
             calls_refused,

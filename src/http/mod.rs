@@ -24,7 +24,8 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::{
-    error::{ApiError, Problem, ProblemField},
+    deprecation::{self, Deprecation, DeprecationLayer, Deprecations},
+    error::{ApiError, PROBLEM_JSON, Problem, ProblemField},
     health::{Check, Readiness, ReadinessReport},
     idempotency::{self, http::IdempotencyLayerState},
     metrics::{self, Metrics},
@@ -39,6 +40,8 @@ pub struct AppState {
     pub orders: Orders,
     /// Readiness checks for `/readyz`.
     pub readiness: Arc<Readiness>,
+    /// Deprecated operations (headers, sunsets, and the served document's markings).
+    pub deprecations: Arc<Deprecations>,
 }
 
 /// The OpenAPI document, generated from the handlers' annotations. `openapi.yaml` at the
@@ -58,7 +61,15 @@ Callers are not authenticated by the service itself yet: put it behind a mesh or
 authenticates them (the empty security requirement below says so explicitly).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
-    paths(orders::create_order, orders::get_order, orders::list_orders, orders::cancel_order, healthz, readyz),
+    paths(
+        orders::create_order,
+        orders::get_order,
+        orders::list_orders,
+        orders::cancel_order,
+        orders::get_order_status,
+        healthz,
+        readyz
+    ),
     components(schemas(Problem, ProblemField, Check, ReadinessReport)),
     tags((name = "orders", description = "Order lifecycle"), (name = "health", description = "Kubernetes probes")),
     servers((url = "/", description = "The host serving this document")),
@@ -96,9 +107,74 @@ impl utoipa::Modify for CamelCaseLinks {
     }
 }
 
-/// The OpenAPI document as YAML, exactly as committed in `openapi.yaml`.
+/// The OpenAPI document as YAML with the built-in deprecation table, exactly as committed
+/// in `openapi.yaml`.
 pub fn openapi_yaml() -> anyhow::Result<String> {
-    Ok(ApiDoc::openapi().to_yaml()?)
+    let table = deprecation::parse_table(deprecation::DEFAULT_TABLE, &deprecation::known_operations())
+        .map_err(anyhow::Error::msg)?;
+    Ok(document(&table).to_yaml()?)
+}
+
+/// The OpenAPI document with a deprecation table applied: each deprecated REST operation
+/// is marked `deprecated`, says when it sunsets and what replaces it, and documents its
+/// `Deprecation`, `Sunset` and `Link` headers and its 410 after the sunset. The server
+/// serves it with the table in force, so the document tells what the server does.
+pub fn document<'a>(table: impl IntoIterator<Item = &'a Deprecation>) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{
+        Content, Deprecated, Ref, RefOr, ResponseBuilder,
+        header::HeaderBuilder,
+        schema::{Object, Type},
+    };
+    let mut doc = ApiDoc::openapi();
+    for entry in table {
+        let Some((method, path)) = entry.operation.split_once(' ') else { continue };
+        let Some(item) = doc.paths.paths.get_mut(path) else { continue };
+        let operation = match method {
+            "GET" => &mut item.get,
+            "POST" => &mut item.post,
+            "PUT" => &mut item.put,
+            "PATCH" => &mut item.patch,
+            "DELETE" => &mut item.delete,
+            _ => continue,
+        };
+        let Some(operation) = operation.as_mut() else { continue };
+        operation.deprecated = Some(Deprecated::True);
+        let successor = entry.successor.as_ref().map(|s| format!(" Use `{s}` instead.")).unwrap_or_default();
+        let note = format!(
+            "**Deprecated** since {}; sunset at {} (410 Gone from then on).{successor} See {}.",
+            entry.deprecation.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            entry.sunset.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            entry.link
+        );
+        operation.description =
+            Some(operation.description.take().map_or(note.clone(), |d| format!("{d}\n\n{note}")));
+        let gone = ResponseBuilder::new()
+            .description("The operation is past its sunset (problem type `gone`)")
+            .content(PROBLEM_JSON, Content::new(Some(Ref::from_schema_name("Problem"))))
+            .build();
+        operation.responses.responses.insert("410".into(), gone.into());
+        let header = |description: &str| {
+            HeaderBuilder::new()
+                .schema(Object::with_type(Type::String))
+                .description(Some(description))
+                .build()
+        };
+        for response in operation.responses.responses.values_mut() {
+            let RefOr::T(response) = response else { continue };
+            response.headers.insert(
+                "Deprecation".into(),
+                header("When the operation was deprecated: `@` and Unix seconds (RFC 9745)"),
+            );
+            response
+                .headers
+                .insert("Sunset".into(), header("When it stops working, an IMF-fixdate (RFC 8594)"));
+            response.headers.insert(
+                "Link".into(),
+                header("The documentation (`rel=\"deprecation\"`, `rel=\"sunset\"`) and the successor (`rel=\"successor-version\"`)"),
+            );
+        }
+    }
+    doc
 }
 
 /// Limits applied to every REST request.
@@ -133,6 +209,9 @@ pub fn router(
             .route("/v1/orders", post(orders::create_order).layer(required).get(orders::list_orders))
             .route("/v1/orders/{id}", get(orders::get_order))
             .route("/v1/orders/{id}/cancel", post(orders::cancel_order).layer(optional))
+            .route("/v1/orders/{id}/status", get(orders::get_order_status))
+            // After routing, so the layer sees the route template it is keyed by.
+            .route_layer(DeprecationLayer::new(state.deprecations.clone(), deprecation::rest_gone))
             .layer(limits.inbound.clone())
     } else {
         Router::new()
@@ -175,6 +254,6 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, axum::Json(report))
 }
 
-async fn openapi_json() -> impl IntoResponse {
-    axum::Json(ApiDoc::openapi())
+async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(document(state.deprecations.entries()))
 }

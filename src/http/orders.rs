@@ -285,6 +285,40 @@ pub async fn get_order(
     Ok(axum::Json(OrderBody { customer_display_name, ..order.into() }))
 }
 
+/// The legacy status view of `GET /v1/orders/{id}/status`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OrderStatusView {
+    /// The order id.
+    pub id: Uuid,
+    /// Current state.
+    pub status: OrderStatusBody,
+}
+
+/// Get only an order's status (legacy; use `GET /v1/orders/{id}`).
+///
+/// Kept for clients written before the full order was returned. It is in the deprecation
+/// table (`APP_DEPRECATIONS`): responses carry `Deprecation`, `Sunset` and `Link` headers,
+/// and after the sunset it answers 410 Gone.
+#[utoipa::path(
+    get, path = "/v1/orders/{id}/status", tag = "orders", operation_id = "getOrderStatus",
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The order's status", body = OrderStatusView),
+        (status = 400, description = "The id is not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable or request timed out; retry", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_order_status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<OrderStatusView>, ApiError> {
+    let id = OrderId::parse("id", &id)?;
+    let (order, _) = state.orders.get(id).await?;
+    let OrderBody { id, status, .. } = order.into();
+    Ok(axum::Json(OrderStatusView { id, status }))
+}
+
 /// List orders, newest first.
 #[utoipa::path(
     get, path = "/v1/orders", tag = "orders", operation_id = "listOrders",

@@ -44,5 +44,5 @@ async fn every_documented_operation_is_served() {
             operations += 1;
         }
     }
-    assert_eq!(operations, 6);
+    assert_eq!(operations, 7);
 }
