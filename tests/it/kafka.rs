@@ -64,53 +64,95 @@ pub struct Record {
     pub offset: i64,
 }
 
+/// A consumer of every partition of `topic` from the beginning, with a throwaway group.
+fn reader(brokers: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-reader-{}", uuid::Uuid::now_v7().simple()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..TOPIC_PARTITIONS {
+        assignment.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    consumer
+}
+
+/// The next record, if one arrives within 100 ms.
+fn next_record(consumer: &BaseConsumer) -> Option<Record> {
+    let message = consumer.poll(Duration::from_millis(100))?.expect("consume");
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Record {
+        key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+        headers,
+        payload: message.payload().unwrap_or_default().to_vec(),
+        partition: message.partition(),
+        offset: message.offset(),
+    })
+}
+
 /// Reads `topic` from the beginning until `expected` records arrived or `timeout` passed;
 /// returns them ordered by (partition, offset).
 pub async fn read(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
     let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", format!("test-reader-{}", uuid::Uuid::now_v7().simple()))
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..TOPIC_PARTITIONS {
-            assignment.add_partition_offset(&topic, p, Offset::Beginning).expect("partition");
-        }
-        consumer.assign(&assignment).expect("assign");
+        let consumer = reader(&brokers, &topic);
         let deadline = Instant::now() + timeout;
         let mut records = Vec::new();
         while records.len() < expected && Instant::now() < deadline {
-            let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
-            let message = message.expect("consume");
-            let headers = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            records.push(Record {
-                key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                headers,
-                payload: message.payload().unwrap_or_default().to_vec(),
-                partition: message.partition(),
-                offset: message.offset(),
-            });
+            records.extend(next_record(&consumer));
         }
         records.sort_by_key(|r| (r.partition, r.offset));
         records
     })
     .await
     .expect("reader task")
+}
+
+/// Follows a topic from the beginning in the background, collecting every record, until
+/// dropped (for tests that wait for one particular record among many).
+pub struct Tail {
+    records: std::sync::Arc<std::sync::Mutex<Vec<Record>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Tail {
+    /// Starts following `topic`.
+    pub fn start(brokers: &str, topic: &str) -> Self {
+        let tail = Self { records: Default::default(), stop: Default::default() };
+        let (records, stop) = (tail.records.clone(), tail.stop.clone());
+        let consumer = reader(brokers, topic);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(record) = next_record(&consumer) {
+                    records.lock().expect("records").push(record);
+                }
+            }
+        });
+        tail
+    }
+
+    /// The first record collected so far that satisfies `predicate`.
+    pub fn find(&self, predicate: impl Fn(&Record) -> bool) -> Option<Record> {
+        self.records.lock().expect("records").iter().find(|r| predicate(r)).cloned()
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A private tansu broker on its own port, stopped (by PID) when dropped.

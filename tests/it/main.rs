@@ -17,6 +17,8 @@ mod leases;
 mod migrations;
 mod openapi;
 mod outbox;
+mod pact_consumer;
+mod pact_provider;
 mod proxy;
 mod relay_faults;
 mod resilience;
