@@ -285,10 +285,11 @@ where
     }
 }
 
-/// The caller's W3C trace context from gRPC metadata.
+/// The trace context stored with the events this call emits: the call's span, or with
+/// tracing off the caller's W3C metadata.
 fn trace_context(metadata: &tonic::metadata::MetadataMap) -> TraceContext {
     let get = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
-    TraceContext::from_headers(get("traceparent"), get("tracestate"))
+    crate::telemetry::current_or(TraceContext::from_headers(get("traceparent"), get("tracestate")))
 }
 
 fn to_pb(order: Order) -> pb::Order {

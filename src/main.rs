@@ -10,9 +10,9 @@ use orders_service::{app::App, config::Settings, telemetry};
 async fn main() -> anyhow::Result<()> {
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_owned());
     let settings = Settings::from_env().context("invalid configuration")?;
-    telemetry::init(&settings.log);
+    let telemetry = telemetry::init(&settings.log)?;
     settings.warn_unknown_vars();
-    match command.as_str() {
+    let result = match command.as_str() {
         "serve" => App::build(settings).await?.run_until_stopped().await,
         "migrate" => orders_service::store::migrate(&settings.database).await,
         "outbox" if std::env::args().nth(2).as_deref() == Some("repartition") => {
@@ -25,5 +25,7 @@ async fn main() -> anyhow::Result<()> {
         other => anyhow::bail!(
             "unknown command {other:?}; expected serve, migrate, openapi or `outbox repartition`"
         ),
-    }
+    };
+    telemetry.shutdown().await;
+    result
 }

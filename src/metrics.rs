@@ -371,19 +371,26 @@ where
         };
         // Dropped before completing means tonic's deadline (grpc-timeout) cut the call short:
         // the guard records it as CANCELLED (1), the code the client receives.
+        let span = crate::telemetry::grpc_server_span(path, request.headers());
         let mut record =
             Recorder { metrics: self.metrics.clone(), method, start: Instant::now(), code: None };
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let result = future.await;
-            // Unary errors are "trailers-only" responses with grpc-status in the headers;
-            // a response without it carries status 0 (OK) in its trailers.
-            record.completed(match &result {
-                Ok(response) => response.headers().get("grpc-status").map_or("0", grpc_code),
-                Err(_) => "transport_error",
-            });
-            result
-        })
+        let future = span.in_scope(|| self.inner.call(request));
+        let traced = span.clone();
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let result = future.await;
+                // Unary errors are "trailers-only" responses with grpc-status in the headers;
+                // a response without it carries status 0 (OK) in its trailers.
+                let code = match &result {
+                    Ok(response) => response.headers().get("grpc-status").map_or("0", grpc_code),
+                    Err(_) => "transport_error",
+                };
+                crate::telemetry::grpc_status(&traced, code);
+                record.completed(code);
+                result
+            },
+            span,
+        ))
     }
 }
 

@@ -367,10 +367,11 @@ pub async fn cancel_order(
     Ok(axum::Json(state.orders.cancel(id, &trace_context(&headers)).await?.into()))
 }
 
-/// The caller's W3C trace context, stored with the events this request emits.
+/// The trace context stored with the events this request emits: the request's span, or
+/// with tracing off the caller's W3C headers.
 fn trace_context(headers: &HeaderMap) -> TraceContext {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    TraceContext::from_headers(get("traceparent"), get("tracestate"))
+    crate::telemetry::current_or(TraceContext::from_headers(get("traceparent"), get("tracestate")))
 }
 
 #[cfg(test)]

@@ -228,6 +228,11 @@ impl Inbox {
     /// is poison too. Returns `false` if `stop` fired first, in which case the caller must
     /// not store the offset.
     pub async fn process(self: &Arc<Self>, message: &InboundMessage, stop: &CancellationToken) -> bool {
+        let span = crate::telemetry::process_span(message, &self.settings.group_id);
+        tracing::Instrument::instrument(self.process_traced(message, stop), span).await
+    }
+
+    async fn process_traced(self: &Arc<Self>, message: &InboundMessage, stop: &CancellationToken) -> bool {
         let started = std::time::Instant::now();
         let (mut attempt, mut aborted) = (0u32, 0u32);
         let result = loop {
@@ -259,6 +264,9 @@ impl Inbox {
                 _ = tokio::time::sleep(self.backoff.delay(attempt)) => {}
             }
         };
+        if result == "dead_lettered" {
+            crate::telemetry::failed(&tracing::Span::current(), result);
+        }
         self.metrics.inbox_messages.with_label_values(&[&message.topic, result]).inc();
         self.metrics
             .inbox_processing
@@ -271,7 +279,8 @@ impl Inbox {
     /// message instead of killing the partition's worker.
     async fn handle_isolated(self: &Arc<Self>, message: &InboundMessage) -> Result<Outcome, HandleError> {
         let (inbox, owned) = (self.clone(), message.clone());
-        match tokio::spawn(async move { inbox.handle(&owned).await }).await {
+        let handled = tracing::Instrument::in_current_span(async move { inbox.handle(&owned).await });
+        match tokio::spawn(handled).await {
             Ok(result) => result,
             Err(join) if join.is_panic() => {
                 let panic = join.into_panic();

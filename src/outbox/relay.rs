@@ -32,6 +32,7 @@ use crate::{
     publish::{OutboundMessage, PublishError, Publisher},
     resilience::Policy,
     store::StoreError,
+    telemetry,
 };
 
 /// Consecutive passes without any acknowledgement after which the producer is rebuilt.
@@ -252,11 +253,18 @@ impl Relay {
         leases: &mut Leases,
         report: &mut PassReport,
     ) -> Result<(), StoreError> {
-        let messages = rows.iter_mut().map(|r| self.message(r)).collect();
+        let spans: Vec<tracing::Span> = rows
+            .iter()
+            .map(|r| telemetry::publish_span(&self.settings.topic, &r.message_id.to_string(), &r.trace))
+            .collect();
+        let messages = rows.iter_mut().zip(&spans).map(|(r, span)| self.message(r, span)).collect();
         let results = self.publisher.publish(messages).await;
         let now = Utc::now();
         let mut settlements = Vec::with_capacity(rows.len());
-        for (row, result) in rows.iter().zip(results) {
+        for ((row, result), span) in rows.iter().zip(results).zip(spans) {
+            if let Err(e) = &result {
+                telemetry::failed(&span, e.kind());
+            }
             let outcome = match result {
                 Ok(()) => {
                     report.published += 1;
@@ -327,9 +335,10 @@ impl Relay {
         }
     }
 
-    /// The Kafka message for a row: key = aggregate id, CloudEvents binary-mode headers.
+    /// The Kafka message for a row: key = aggregate id, CloudEvents binary-mode headers, and
+    /// the trace context of its publish span (or, with tracing off, the one stored).
     /// Moves the payload out of the row (the row keeps only what settling it needs).
-    fn message(&self, row: &mut OutboxRecord) -> OutboundMessage {
+    fn message(&self, row: &mut OutboxRecord, span: &tracing::Span) -> OutboundMessage {
         let mut headers = vec![
             ("ce_specversion", "1.0".to_owned()),
             ("ce_id", row.message_id.to_string()),
@@ -339,11 +348,12 @@ impl Relay {
             ("ce_subject", row.aggregate_id.clone()),
             ("content-type", "application/json".to_owned()),
         ];
-        if let Some(tp) = &row.trace.traceparent {
-            headers.push(("traceparent", tp.clone()));
+        let trace = telemetry::context_of(span, row.trace.clone());
+        if let Some(tp) = trace.traceparent {
+            headers.push(("traceparent", tp));
         }
-        if let Some(ts) = &row.trace.tracestate {
-            headers.push(("tracestate", ts.clone()));
+        if let Some(ts) = trace.tracestate {
+            headers.push(("tracestate", ts));
         }
         let headers = headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         OutboundMessage {

@@ -105,12 +105,16 @@ impl Store for PostgresStore {
         Ok(Box::new(PgTx(self.begin_shielded().await?)))
     }
 
+    #[tracing::instrument(name = "SELECT orders", skip_all, fields(otel.kind = "client", db.system.name = "postgresql",
+        db.operation.name = "SELECT", db.collection.name = "orders"))]
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
         let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1");
         let row = sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&self.pool).await?;
         row.as_ref().map(Sql::decode_order).transpose()
     }
 
+    #[tracing::instrument(name = "SELECT orders", skip_all, fields(otel.kind = "client", db.system.name = "postgresql",
+        db.operation.name = "SELECT", db.collection.name = "orders"))]
     async fn list_orders(&self, query: &ListQuery) -> Result<Vec<Order>, StoreError> {
         let sql = format!(
             "SELECT {ORDER_COLUMNS} FROM orders WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2"

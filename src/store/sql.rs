@@ -54,6 +54,15 @@ const DEAD_LETTER_COLUMNS: &str = "seq, message_id, aggregate_type, aggregate_id
 /// The portable statements for database `DB`.
 pub(super) struct Sql<DB>(PhantomData<DB>);
 
+/// `db.system.name` of the semantic conventions for the database behind `DB`.
+fn db_system<DB: Database>() -> &'static str {
+    match DB::NAME {
+        "PostgreSQL" => "postgresql",
+        "SQLite" => "sqlite",
+        _ => "other_sql",
+    }
+}
+
 impl<DB: Database> Sql<DB>
 where
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
@@ -73,6 +82,8 @@ where
     // ----- orders -----
 
     /// Inserts an order.
+    #[tracing::instrument(name = "INSERT orders", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "INSERT", db.collection.name = "orders"))]
     pub(super) async fn insert_order<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         order: &Order,
@@ -97,6 +108,8 @@ where
     }
 
     /// Writes an order's mutable fields guarded by its previous version (optimistic locking).
+    #[tracing::instrument(name = "UPDATE orders", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "UPDATE", db.collection.name = "orders"))]
     pub(super) async fn update_order<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         order: &Order,
@@ -158,6 +171,8 @@ where
     /// Appends an outbox row, unless the outbox records another partition count than the
     /// one the row's partition was computed with (then nothing is inserted and the write
     /// fails: a stale replica must not strand rows in partitions no relay reads).
+    #[tracing::instrument(name = "INSERT outbox", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "INSERT", db.collection.name = "outbox"))]
     pub(super) async fn insert_outbox<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         event: &NewOutboxEvent,
@@ -238,6 +253,8 @@ where
     // ----- inbox and customer projection -----
 
     /// Inserts `(consumer, message_id)`; `true` if it was new, `false` for a duplicate.
+    #[tracing::instrument(name = "INSERT inbox", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "INSERT", db.collection.name = "inbox"))]
     pub(super) async fn insert_inbox<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         consumer: &str,
@@ -331,6 +348,8 @@ where
     }
 
     /// Upserts a customer unless the stored version is at least as new; `true` if applied.
+    #[tracing::instrument(name = "INSERT customer_projection", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "INSERT", db.collection.name = "customer_projection"))]
     pub(super) async fn upsert_customer<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         c: &CustomerProjection,
@@ -355,6 +374,8 @@ where
     }
 
     /// A customer's display name from the projection.
+    #[tracing::instrument(name = "SELECT customer_projection", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "SELECT", db.collection.name = "customer_projection"))]
     pub(super) async fn customer_display_name<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         customer_id: &str,
@@ -368,6 +389,8 @@ where
     // ----- Idempotency-Key backstop -----
 
     /// Binds `order` to `key`; the unique index rejects a key that is already bound.
+    #[tracing::instrument(name = "UPDATE orders", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "UPDATE", db.collection.name = "orders"))]
     pub(super) async fn bind_idempotency_key<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         order: OrderId,
@@ -389,6 +412,8 @@ where
     }
 
     /// The order bound to `key`, if any.
+    #[tracing::instrument(name = "SELECT orders", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
+        db.operation.name = "SELECT", db.collection.name = "orders"))]
     pub(super) async fn find_by_idempotency_key<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         key: &str,

@@ -16,6 +16,7 @@ mod kafka;
 mod leases;
 mod migrations;
 mod openapi;
+mod otel;
 mod outbox;
 mod pact_consumer;
 mod pact_provider;
