@@ -22,6 +22,9 @@ COPY --from=planner /src/recipe.json recipe.json
 # Dependencies only: this layer is reused until Cargo.toml or Cargo.lock change.
 RUN cargo chef cook --release --locked --recipe-path recipe.json --bin orders-service
 COPY . .
+# The commit in orders_service_build_info (after the dependency layer, so it does not bust it).
+ARG GIT_COMMIT=unknown
+ENV GIT_COMMIT=${GIT_COMMIT}
 RUN cargo build --release --locked --bin orders-service \
  && install -D -m 0755 target/release/orders-service /out/orders-service
 

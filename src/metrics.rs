@@ -1,39 +1,10 @@
 //! Prometheus metrics, exposed by the admin server on their own port (kept off the public
 //! listener so ingress never exposes them).
 //!
-//! Names are stable and documented here; labels are route templates and gRPC method names,
-//! never raw paths or ids, so cardinality stays bounded.
-//!
-//! | metric | type | labels |
-//! |---|---|---|
-//! | `http_requests_total` | counter | `method`, `route`, `status` |
-//! | `http_request_duration_seconds` | histogram | `method`, `route` |
-//! | `grpc_requests_total` | counter | `method`, `code` |
-//! | `grpc_request_duration_seconds` | histogram | `method` |
-//! | `outbox_pending` | gauge | rows waiting to be published |
-//! | `outbox_oldest_age_seconds` | gauge | age of the oldest waiting row |
-//! | `outbox_published_total` | counter | rows published and deleted |
-//! | `outbox_publish_errors_total` | counter | `kind` = `retriable` / `permanent` |
-//! | `outbox_dead_letters` | gauge | rows in the dead-letter table |
-//! | `outbox_partitions_owned` | gauge | partitions this replica's relay leases |
-//! | `outbox_publish_latency_seconds` | histogram | commit → broker acknowledgement |
-//! | `outbox_relays_live` | gauge | live relays seen at this relay's last lease acquisition |
-//! | `outbox_relay_passes_total` | counter | relay passes (what the relay costs while it waits) |
-//! | `outbox_producer_rebuilds_total` | counter | `reason` = `fatal` (librdkafka's fatal state: leases released) / `unresponsive` (nothing acknowledged for several passes) |
-//! | `outbox_settle_fenced_total` | counter | rows not settled because their lease had moved on |
-//! | `inbox_messages_total` | counter | `topic`, `result` = applied / duplicate / stale / rejected / dead_lettered |
-//! | `inbox_processing_seconds` | histogram | `topic`; includes retries |
-//! | `inbox_retries_total` | counter | `topic`; unavailable or aborted attempts retried |
-//! | `inbox_dispatch_failures_total` | counter | `topic`; messages whose partition worker had died (the partition is rewound) |
-//! | `idempotency_outcomes_total` | counter | `outcome` = new / replayed / conflict / mismatch / missing / malformed / store_error |
-//! | `inbox_consumer_lag` | gauge | `topic`, `partition`; from librdkafka statistics (every 5 s) |
-//! | `resilience_breaker_state` | gauge | `dependency`; 0 closed, 1 half-open, 2 open |
-//! | `resilience_breaker_transitions_total` | counter | `dependency`, `to` = open / half_open / closed |
-//! | `resilience_calls_refused_total` | counter | `dependency`; refused at once by an open breaker |
-//! | `resilience_timeouts_total` | counter | `dependency`; attempts cut by the policy's timeout |
-//! | `resilience_retries_total` | counter | `dependency`, `outcome` = attempted / refused_by_budget |
-//! | `inbound_shed_total` | counter | `protocol` = http / grpc; requests refused at the concurrency limit |
-//! | `deprecated_calls_total` | counter | `operation`, `caller`, `outcome` = served / gone; calls to operations in the deprecation table (`caller` is the trusted identity header, else `anonymous`) |
+//! Names are stable and catalogued in `docs/metrics.md` (type, labels, meaning, the alert
+//! that reads each), which `tests/it/metrics.rs` keeps complete against a real scrape;
+//! labels are route templates and gRPC method names, never raw paths or ids, so
+//! cardinality stays bounded.
 
 use std::{
     future::Future,
@@ -43,6 +14,7 @@ use std::{
     time::Instant,
 };
 
+use crate::store::PoolProbe;
 use axum::{
     extract::{MatchedPath, Request, State},
     http::HeaderValue,
@@ -122,6 +94,37 @@ pub struct Metrics {
     pub shed: IntCounterVec,
     /// Calls to deprecated operations, per caller: who still has to migrate.
     pub deprecated_calls: IntCounterVec,
+    /// Redis command latency by operation and outcome.
+    pub redis_call_duration: HistogramVec,
+    /// Calls waiting for a concurrency slot of a dependency's policy.
+    pub calls_waiting: IntGaugeVec,
+}
+
+/// `db_pool_connections{pool, state}` and `db_pool_max_connections{pool}`, read from the
+/// pools when scraped (no task keeps them fresh).
+struct PoolCollector {
+    connections: IntGaugeVec,
+    max: IntGaugeVec,
+    pools: Vec<(&'static str, PoolProbe)>,
+}
+
+impl prometheus::core::Collector for PoolCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.connections.desc().into_iter().chain(self.max.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        for (pool, probe) in &self.pools {
+            let stats = probe();
+            let gauge = |state: &str| self.connections.with_label_values(&[pool, state]);
+            gauge("in_use").set(i64::from(stats.size.saturating_sub(stats.idle)));
+            gauge("idle").set(i64::from(stats.idle));
+            self.max.with_label_values(&[pool]).set(i64::from(stats.max));
+        }
+        let mut families = self.connections.collect();
+        families.extend(self.max.collect());
+        families
+    }
 }
 
 fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> anyhow::Result<IntCounterVec> {
@@ -131,6 +134,20 @@ fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> any
 }
 
 impl Metrics {
+    /// Registers the database pools' occupancy, read at every scrape.
+    pub fn register_pools(&self, pools: Vec<(&'static str, PoolProbe)>) -> anyhow::Result<()> {
+        let connections = IntGaugeVec::new(
+            Opts::new("db_pool_connections", "Database connections by pool and state (in_use, idle)"),
+            &["pool", "state"],
+        )?;
+        let max = IntGaugeVec::new(
+            Opts::new("db_pool_max_connections", "The most connections a database pool opens"),
+            &["pool"],
+        )?;
+        self.registry.register(Box::new(PoolCollector { connections, max, pools }))?;
+        Ok(())
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> anyhow::Result<Arc<Self>> {
         let registry = Registry::new();
@@ -274,7 +291,37 @@ impl Metrics {
             "Calls to deprecated operations (served before the sunset, gone after it)",
             &["operation", "caller", "outcome"],
         )?;
+        let redis_call_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "redis_call_duration_seconds",
+                "Redis command latency, the policy's wait included",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["operation", "outcome"],
+        )?;
+        registry.register(Box::new(redis_call_duration.clone()))?;
+        let calls_waiting = IntGaugeVec::new(
+            Opts::new(
+                "resilience_calls_waiting",
+                "Calls waiting for a concurrency slot of the dependency's policy",
+            ),
+            &["dependency"],
+        )?;
+        registry.register(Box::new(calls_waiting.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "orders_service_build_info",
+                "The running build: always 1, labelled with its version and commit",
+            ),
+            &["version", "commit"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("GIT_COMMIT").unwrap_or("unknown")])
+            .set(1);
         Ok(Arc::new(Self {
+            redis_call_duration,
+            calls_waiting,
             deprecated_calls,
             breaker_state,
             breaker_transitions,

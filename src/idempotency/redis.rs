@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::{Begin, Fingerprint, KeyStore, Record, ScopedKey, StoredResponse};
 use crate::{
     backoff::Backoff,
+    metrics::Metrics,
     resilience::{Failure, Policy, Refused},
 };
 
@@ -47,6 +48,8 @@ pub struct RedisKeyStore {
     timeout: Duration,
     /// The Redis policy: breaker, timeout, concurrency limit.
     policy: Arc<Policy>,
+    /// `redis_call_duration_seconds`.
+    metrics: Arc<Metrics>,
     /// Stops the background connector when the store is dropped.
     connector: tokio::task::AbortHandle,
 }
@@ -54,11 +57,17 @@ pub struct RedisKeyStore {
 impl RedisKeyStore {
     /// Starts connecting in the background (retrying with backoff until Redis answers);
     /// requests never queue behind it. Needs a Tokio runtime.
-    pub fn new(url: &str, prefix: String, timeout: Duration, policy: Arc<Policy>) -> anyhow::Result<Self> {
+    pub fn new(
+        url: &str,
+        prefix: String,
+        timeout: Duration,
+        policy: Arc<Policy>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).context("APP_REDIS__URL is not a valid redis:// URL")?;
         let (publish, link) = watch::channel(Link::Connecting);
         let connector = tokio::spawn(connect(client, timeout, publish)).abort_handle();
-        Ok(Self { link, prefix, timeout, policy, connector })
+        Ok(Self { link, prefix, timeout, policy, metrics, connector })
     }
 
     async fn connection(&self) -> anyhow::Result<ConnectionManager> {
@@ -85,7 +94,18 @@ impl RedisKeyStore {
         what: &str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> anyhow::Result<T> {
-        match self.policy.once(async { call.await.map_err(RedisDown) }).await {
+        let started = std::time::Instant::now();
+        let result = self.policy.once(async { call.await.map_err(RedisDown) }).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(Refused::Failed(_)) => "error",
+            Err(_) => "refused",
+        };
+        self.metrics
+            .redis_call_duration
+            .with_label_values(&[what, outcome])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(value) => Ok(value),
             Err(Refused::Failed(RedisDown(e))) => Err(anyhow::Error::new(e).context(format!("Redis {what}"))),
             Err(refused) => Err(anyhow::Error::new(refused).context(format!("Redis {what}"))),

@@ -97,6 +97,23 @@ pub enum Refused<E> {
     Failed(E),
 }
 
+/// Counts a call as waiting for a concurrency slot until dropped (also when the timeout
+/// cuts the wait short).
+struct Waiting(prometheus::IntGauge);
+
+impl Waiting {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// A dependency's policy: breaker, concurrency limit, timeout, budgeted retries.
 pub struct Policy {
     dependency: Dependency,
@@ -155,7 +172,9 @@ impl Policy {
         loop {
             let Some(permit) = self.breaker.permit() else { return Err(Refused::Open(name)) };
             let attempt = async {
+                let waiting = Waiting::new(self.metrics.calls_waiting.with_label_values(&[name]));
                 let _slot = self.permits.acquire().await;
+                drop(waiting);
                 op().await
             };
             let failure = match tokio::time::timeout(self.settings.timeout, attempt).await {

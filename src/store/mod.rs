@@ -334,6 +334,30 @@ pub struct Stores {
     pub inbox: Arc<dyn Store>,
     /// LISTEN/NOTIFY wake-ups (PostgreSQL only): one listener, one notifier connection.
     pub notify_pool: Option<sqlx::PgPool>,
+    /// Each connection pool by name, for the pool metrics.
+    pub pools: Vec<(&'static str, PoolProbe)>,
+}
+
+/// A connection pool's occupancy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open connections.
+    pub size: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// The most the pool opens.
+    pub max: u32,
+}
+
+/// Reads one pool's occupancy (at scrape time).
+pub type PoolProbe = Arc<dyn Fn() -> PoolStats + Send + Sync>;
+
+fn probe<DB: sqlx::Database>(pool: sqlx::Pool<DB>) -> PoolProbe {
+    Arc::new(move || PoolStats {
+        size: pool.size(),
+        idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+        max: pool.options().get_max_connections(),
+    })
 }
 
 /// Opens the stores with every PostgreSQL pool behind `policy` (the database's breaker,
@@ -349,6 +373,7 @@ pub async fn connect_guarded(settings: &DatabaseSettings, policy: Arc<Policy>) -
         relay: guard(stores.relay),
         inbox: guard(stores.inbox),
         notify_pool: stores.notify_pool,
+        pools: stores.pools,
     })
 }
 
@@ -356,15 +381,36 @@ pub async fn connect_guarded(settings: &DatabaseSettings, policy: Arc<Policy>) -
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<Stores> {
     let url = settings.url.expose();
     if url.starts_with("sqlite:") {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(settings).await?);
-        return Ok(Stores { api: store.clone(), relay: store.clone(), inbox: store, notify_pool: None });
+        let sqlite = SqliteStore::connect(settings).await?;
+        let pools = vec![("embedded", probe(sqlite.pool().clone()))];
+        let store: Arc<dyn Store> = Arc::new(sqlite);
+        return Ok(Stores {
+            api: store.clone(),
+            relay: store.clone(),
+            inbox: store,
+            notify_pool: None,
+            pools,
+        });
     }
     let pool = |role: &str, size: u32| PostgresStore::connect(settings, role, size);
+    let (api, relay, inbox) = (
+        pool("api", settings.max_connections)?,
+        pool("relay", settings.relay_max_connections)?,
+        pool("inbox", settings.inbox_max_connections)?,
+    );
+    let notify = pool("notify", 2)?.pool().clone();
+    let pools = vec![
+        ("api", probe(api.pool().clone())),
+        ("relay", probe(relay.pool().clone())),
+        ("inbox", probe(inbox.pool().clone())),
+        ("notify", probe(notify.clone())),
+    ];
     Ok(Stores {
-        api: Arc::new(pool("api", settings.max_connections)?),
-        relay: Arc::new(pool("relay", settings.relay_max_connections)?),
-        inbox: Arc::new(pool("inbox", settings.inbox_max_connections)?),
-        notify_pool: Some(pool("notify", 2)?.pool().clone()),
+        api: Arc::new(api),
+        relay: Arc::new(relay),
+        inbox: Arc::new(inbox),
+        notify_pool: Some(notify),
+        pools,
     })
 }
 

@@ -14,6 +14,7 @@ mod inbox;
 mod inbox_faults;
 mod kafka;
 mod leases;
+mod metrics;
 mod migrations;
 mod openapi;
 mod otel;
