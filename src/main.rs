@@ -11,6 +11,7 @@ async fn main() -> anyhow::Result<()> {
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_owned());
     let settings = Settings::from_env().context("invalid configuration")?;
     let telemetry = telemetry::init(&settings.log)?;
+    tracing::info!(exporting = telemetry.tracing_enabled(), "OpenTelemetry tracing");
     settings.warn_unknown_vars();
     let result = match command.as_str() {
         "serve" => App::build(settings).await?.run_until_stopped().await,

@@ -27,6 +27,7 @@ use orders_service::pb::orders::v1::{
 };
 use prost::Message as _;
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 
 use crate::{
     inbox::{Topics, event, produce},
@@ -168,15 +169,17 @@ impl Binary {
             .spawn()
             .expect("binary starts");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut early = Vec::new();
         let (http, grpc) = loop {
             let line = lines.next().expect("binary logged its addresses").expect("utf-8 log line");
             let Ok(log) = serde_json::from_str::<Value>(&line) else { continue };
+            early.push(log.clone());
             if log["message"] == "orders-service listening" {
                 let addr = |key: &str| log[key].as_str().expect("addr").parse().expect("socket addr");
                 break (addr("http"), addr("grpc"));
             }
         };
-        let logs = Arc::new(Mutex::new(Vec::new()));
+        let logs = Arc::new(Mutex::new(early));
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
@@ -186,6 +189,13 @@ impl Binary {
             }
         });
         Self { child, http, grpc, logs }
+    }
+}
+
+impl Binary {
+    /// Whether a log line so far satisfies `predicate`.
+    fn logged(&self, predicate: impl Fn(&Value) -> bool) -> bool {
+        self.logs.lock().expect("lock").iter().any(predicate)
     }
 }
 
@@ -395,8 +405,10 @@ async fn grpc_calls_continue_the_callers_trace_over_otlp_http() {
     let database_url = fresh_postgres().await;
     let service = Binary::start(&[
         ("APP_DATABASE__URL", &database_url),
+        ("APP_ROLES", "api"), // no relay: the outbox row stays to be read
         ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), // http/protobuf: the specification's default
     ]);
+    assert!(service.logged(|l| l["message"] == "OpenTelemetry tracing" && l["exporting"] == true));
     let mut client = OrderServiceClient::connect(format!("http://{}", service.grpc)).await.expect("connects");
     let mut request = tonic::Request::new(CreateOrderRequest {
         customer_id: "cust-otel".into(),
@@ -407,7 +419,7 @@ async fn grpc_calls_continue_the_callers_trace_over_otlp_http() {
     let metadata = request.metadata_mut();
     metadata.insert("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01").parse().expect("metadata"));
     metadata.insert("idempotency-key", "otel-grpc-1".parse().expect("metadata"));
-    client.create_order(request).await.expect("created");
+    let created = client.create_order(request).await.expect("created").into_inner();
 
     let name = "orders.v1.OrderService/CreateOrder";
     eventually(Duration::from_secs(20), "the CreateOrder span", || {
@@ -430,4 +442,57 @@ async fn grpc_calls_continue_the_callers_trace_over_otlp_http() {
         Some("orders-service"),
         "the default name"
     );
+
+    // The outbox row carries the call's trace: the caller's trace id, a span of this call.
+    let mut db = sqlx::PgConnection::connect(&database_url).await.expect("db");
+    let (traceparent,): (Option<String>,) =
+        sqlx::query_as("SELECT traceparent FROM outbox WHERE aggregate_id = $1")
+            .bind(created.order.expect("order").id)
+            .fetch_one(&mut db)
+            .await
+            .expect("the OrderCreated row");
+    let traceparent = traceparent.expect("a traceparent");
+    let span_id = traceparent.split('-').nth(2).expect("parent id").to_owned();
+    assert!(traceparent.starts_with(&format!("00-{TRACE_ID}-")), "{traceparent}");
+    let spans = receiver.spans();
+    let stored = spans.iter().find(|s| s.span_id == span_id).expect("the stored span was exported");
+    assert!(descends(&spans, stored, &call), "the stored context is the call's or below it");
+}
+
+#[tokio::test]
+async fn queued_spans_are_flushed_at_shutdown_and_no_endpoint_means_no_exporter() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.http().await;
+    let database_url = fresh_postgres().await;
+    let mut service = Binary::start(&[
+        ("APP_DATABASE__URL", &database_url),
+        ("APP_ROLES", "api"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000"), // nothing leaves before shutdown
+    ]);
+    let response =
+        reqwest::get(format!("http://{}/v1/orders/01938f6e-4c2a-7b3e-9d41-6a2f0c5e8b17", service.http))
+            .await
+            .expect("get");
+    assert_eq!(response.status(), 404);
+    assert!(receiver.spans().is_empty(), "exported before shutdown");
+    let status =
+        Command::new("kill").args(["-TERM", &service.child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    // Wait without blocking this runtime: it serves the receiver the flush goes to.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = service.child.try_wait().expect("try_wait") {
+            break exit;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the binary did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    let get = receiver.named("GET /v1/orders/{id}");
+    assert_eq!(get.attributes.get("http.response.status_code").map(String::as_str), Some("404"));
+
+    // Without an endpoint the binary says it exports nothing (no exporter was built).
+    let quiet = Binary::start(&[("APP_DATABASE__URL", &database_url), ("APP_ROLES", "api")]);
+    assert!(quiet.logged(|l| l["message"] == "OpenTelemetry tracing" && l["exporting"] == false));
 }
