@@ -28,13 +28,17 @@ pid=$!
 echo "$pid" >"$work/service.pid"
 
 wait_for 60 "/healthz on the default port" curl -fsS http://127.0.0.1:8080/healthz
-curl -fsS http://127.0.0.1:8080/readyz | grep -q '"status":"ready"' || die "/readyz is not ready"
+# Read whole bodies before grep -q: it exits at the first match, and with pipefail the
+# curl still writing would fail the check.
+ready="$(curl -fsS http://127.0.0.1:8080/readyz)"
+grep -q '"status":"ready"' <<<"$ready" || die "/readyz is not ready: $ready"
 created="$(curl -fsS -X POST http://127.0.0.1:8080/v1/orders -H 'content-type: application/json' -H 'idempotency-key: smoke-1' \
   -d '{"customer_id":"smoke","currency":"EUR","items":[{"sku":"SMOKE-1","quantity":2,"unit_price_minor":500}]}')"
 id="$(printf '%s' "$created" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
 fetched="$(curl -fsS "http://127.0.0.1:8080/v1/orders/$id")"
 printf '%s' "$fetched" | python3 -c 'import json,sys; o=json.load(sys.stdin); assert o["total_minor"]==1000 and o["status"]=="PENDING", o'
-curl -fsS http://127.0.0.1:9090/metrics | grep -q '^http_requests_total' || die "/metrics has no request counter"
+metrics="$(curl -fsS http://127.0.0.1:9090/metrics)"
+grep -q '^http_requests_total' <<<"$metrics" || die "/metrics has no request counter"
 [ -f "$work/data/orders.db" ] || die "the SQLite file was not created under ./data"
 
 # REST clients are generated from openapi.yaml: generate one and use it against this server.
