@@ -34,11 +34,12 @@ fn main() -> Result<(), Box<dyn Error>> {
             ],
             &["proto"],
         )?;
-    pbjson_build::Builder::new().register_descriptors(&fs::read(&events_descriptor)?)?.build(&[
-        ".orders.events.v1",
-        ".payments.events.v1",
-        ".customers.events.v1",
-    ])?;
+    // Tolerant readers: a producer may add fields (buf breaking allows it), so unknown
+    // fields are skipped instead of turning every newer event into a poison message.
+    pbjson_build::Builder::new()
+        .register_descriptors(&fs::read(&events_descriptor)?)?
+        .ignore_unknown_fields()
+        .build(&[".orders.events.v1", ".payments.events.v1", ".customers.events.v1"])?;
 
     println!("cargo:rerun-if-changed=proto");
     Ok(())

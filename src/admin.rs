@@ -12,19 +12,26 @@
 //! - `POST /admin/bus/{topic}` (embedded mode only) injects an event as another service
 //!   would publish it: `{"type": "payments.events.v1.PaymentCaptured", "key": "…", "data": {…}}`
 //!   (`id` optional), so the inbox can be tried without Kafka.
+//!
+//! The two endpoints that change data (replay, inject) need `Authorization: Bearer
+//! <APP_ADMIN__TOKEN>` when a token is set; startup refuses an admin address reachable
+//! from other hosts without one. Listings and `/metrics` stay open on the admin address.
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
-    http::header,
+    extract::{FromRequestParts, Path, Query, State},
+    http::{header, request::Parts},
     response::IntoResponse,
     routing::{get, post},
 };
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::{
+    config::Secret,
     error::ApiError,
     inbox::Rejection,
     metrics::Metrics,
@@ -44,6 +51,40 @@ pub struct AdminState {
     pub wakeup: Arc<Wakeup>,
     /// The in-process bus, when no Kafka is configured.
     pub bus: Option<Arc<InMemoryBus>>,
+    /// `APP_ADMIN__TOKEN`: required by the endpoints that change data, when set.
+    pub token: Option<Secret>,
+}
+
+/// Proof that a request may change data: it carries the admin token, or none is set (then
+/// startup made sure the admin address is loopback only).
+struct Authorized;
+
+impl FromRequestParts<AdminState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        let Some(token) = &state.token else { return Ok(Self) };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Digests of equal length, compared in constant time: the comparison reveals neither
+        // the token's length nor how much of a guess was right.
+        let matches = |p: &str| bool::from(Sha256::digest(p).ct_eq(&Sha256::digest(token.expose())));
+        match presented {
+            Some(p) if matches(p) => Ok(Self),
+            other => Err(ApiError::Unauthenticated {
+                challenge: r#"Bearer realm="orders-service-admin""#.to_owned(),
+                detail: if other.is_some() {
+                    "the admin token is wrong"
+                } else {
+                    "this admin endpoint needs the admin token"
+                }
+                .to_owned(),
+            }),
+        }
+    }
 }
 
 /// The admin router.
@@ -75,6 +116,7 @@ async fn list_dead_letters(
 }
 
 async fn replay_dead_letter(
+    _: Authorized,
     State(state): State<AdminState>,
     Path(seq): Path<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -134,6 +176,7 @@ struct Injected {
 }
 
 async fn inject_event(
+    _: Authorized,
     State(state): State<AdminState>,
     Path(topic): Path<String>,
     crate::http::extract::Json(event): crate::http::extract::Json<Injected>,

@@ -238,8 +238,13 @@ impl App {
             }
         }
 
-        let admin_state =
-            AdminState { metrics: metrics.clone(), store: stores.api.clone(), wakeup: wakeup.clone(), bus };
+        let admin_state = AdminState {
+            metrics: metrics.clone(),
+            store: stores.api.clone(),
+            wakeup: wakeup.clone(),
+            bus,
+            token: settings.admin.token.clone(),
+        };
         let orders = Orders::new(stores.api.clone(), wakeup, settings.outbox.partitions);
         // One concurrency limit for both listeners: overload is a property of the process.
         let permits = Arc::new(Semaphore::new(settings.http.max_concurrent_requests));

@@ -39,6 +39,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_GRPC__KEEPALIVE_INTERVAL_MS", "30000", "HTTP/2 PING interval on idle connections"),
     ("APP_GRPC__KEEPALIVE_TIMEOUT_MS", "10000", "a connection whose PING is unanswered this long is closed"),
     ("APP_ADMIN__ADDR", "127.0.0.1:9090", "/metrics"),
+    (
+        "APP_ADMIN__TOKEN",
+        "",
+        "bearer token for the admin endpoints that change data (secret); required off loopback",
+    ),
     ("APP_HTTP__REQUEST_TIMEOUT_MS", "10000", "per-request deadline (REST and gRPC)"),
     ("APP_HTTP__BODY_LIMIT_BYTES", "1048576", "largest accepted request body / gRPC message"),
     ("APP_HTTP__MAX_CONCURRENT_REQUESTS", "256", "REST + gRPC requests in flight; more are shed with 503"),
@@ -229,6 +234,8 @@ pub struct GrpcSettings {
 pub struct AdminSettings {
     /// Where `/metrics` listens.
     pub addr: SocketAddr,
+    /// Bearer token required by the admin endpoints that change data (replay, inject).
+    pub token: Option<Secret>,
 }
 
 /// Database connection settings.
@@ -378,7 +385,10 @@ impl Settings {
                 keepalive_interval: env.millis("APP_GRPC__KEEPALIVE_INTERVAL_MS")?,
                 keepalive_timeout: env.millis("APP_GRPC__KEEPALIVE_TIMEOUT_MS")?,
             },
-            admin: AdminSettings { addr: env.parse("APP_ADMIN__ADDR")? },
+            admin: AdminSettings {
+                addr: env.parse("APP_ADMIN__ADDR")?,
+                token: Some(env.raw("APP_ADMIN__TOKEN")).filter(|t| !t.is_empty()).map(Secret::new),
+            },
             database: DatabaseSettings {
                 url: Secret::new(env.raw("APP_DATABASE__URL")),
                 max_connections: env.parse("APP_DATABASE__MAX_CONNECTIONS")?,
@@ -552,6 +562,27 @@ impl Settings {
         if self.events.topic.is_empty() {
             return Err(error("APP_EVENTS__TOPIC", "must not be empty"));
         }
+        match &self.admin.token {
+            None if !self.admin.addr.ip().is_loopback() => {
+                return Err(error(
+                    "APP_ADMIN__TOKEN",
+                    format!(
+                        "is required when APP_ADMIN__ADDR ({}) is reachable from other hosts: the admin port can replay \
+                         dead letters and inject events",
+                        self.admin.addr
+                    ),
+                ));
+            }
+            Some(token)
+                if token.expose().len() < 16 || token.expose().chars().any(|c| !c.is_ascii_graphic()) =>
+            {
+                return Err(error(
+                    "APP_ADMIN__TOKEN",
+                    "must be at least 16 printable ASCII characters without spaces",
+                ));
+            }
+            _ => {}
+        }
         if !(1000..=100_000_000).contains(&self.events.max_message_bytes) {
             return Err(error("APP_KAFKA__MESSAGE_MAX_BYTES", "must be between 1000 and 100000000"));
         }
@@ -717,6 +748,22 @@ mod tests {
     }
 
     #[test]
+    fn an_admin_port_reachable_from_other_hosts_needs_a_token() {
+        let err = Settings::from_vars(vars(&[("APP_ADMIN__ADDR", "0.0.0.0:9090")])).unwrap_err();
+        assert_eq!(err.variable, "APP_ADMIN__TOKEN");
+        assert!(err.message.contains("0.0.0.0:9090"), "{}", err.message);
+        let short = [("APP_ADMIN__ADDR", "0.0.0.0:9090"), ("APP_ADMIN__TOKEN", "short")];
+        assert_eq!(Settings::from_vars(vars(&short)).unwrap_err().variable, "APP_ADMIN__TOKEN");
+        let spaced = [("APP_ADMIN__TOKEN", "a token with spaces in it")];
+        assert_eq!(Settings::from_vars(vars(&spaced)).unwrap_err().variable, "APP_ADMIN__TOKEN");
+        let ok = [("APP_ADMIN__ADDR", "0.0.0.0:9090"), ("APP_ADMIN__TOKEN", "0123456789abcdef")];
+        let settings = Settings::from_vars(vars(&ok)).expect("a token makes it acceptable");
+        assert_eq!(format!("{:?}", settings.admin.token), "Some(Secret([redacted]))", "never printed");
+        let loopback = Settings::from_vars(vars(&[("APP_ADMIN__ADDR", "[::1]:9090")])).expect("loopback");
+        assert!(loopback.admin.token.is_none(), "loopback without a token: cargo run's default");
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         let err = Settings::from_vars(vars(&[("APP_HTTP__REQUEST_TIMEOUT_MS", "0")])).unwrap_err();
         assert_eq!(err.variable, "APP_HTTP__REQUEST_TIMEOUT_MS");
@@ -811,5 +858,25 @@ mod tests {
         let settings =
             Settings::from_vars(vars(&[("APP_HTTP__ADR", "x"), ("HOME", "/root")])).expect("valid");
         assert_eq!(settings.unknown, vec!["APP_HTTP__ADR".to_owned()]);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Configuration values come from the environment: any value of any variable is
+    //! accepted or refused with an error naming a variable, never a panic.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_value_is_accepted_or_names_a_variable(index in 0..VARIABLES.len(), value in any::<String>()) {
+            let name = VARIABLES[index].0;
+            if let Err(e) = Settings::from_vars([(name.to_owned(), value)]) {
+                prop_assert!(e.variable.starts_with("APP_"), "{}", e.variable);
+                prop_assert!(!e.message.is_empty());
+            }
+        }
     }
 }

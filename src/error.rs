@@ -87,6 +87,14 @@ pub enum ApiError {
         /// The migration documentation.
         link: String,
     },
+    /// The caller did not prove who it is (no, or a wrong, credential).
+    #[error("{detail}")]
+    Unauthenticated {
+        /// The `WWW-Authenticate` challenge, e.g. `Bearer realm="orders-service-admin"`.
+        challenge: String,
+        /// What was wrong, for the client (never the expected credential).
+        detail: String,
+    },
     /// A bug or an unexpected state; details are logged, never returned.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -178,6 +186,12 @@ impl ApiError {
                 ("overloaded", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "Server overloaded")
             }
             Self::Gone { .. } => ("gone", StatusCode::GONE, Code::Unimplemented, "Operation retired"),
+            Self::Unauthenticated { .. } => (
+                "unauthenticated",
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthenticated,
+                "Authentication required",
+            ),
             Self::Internal(_) => {
                 ("internal", StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, "Internal error")
             }
@@ -272,6 +286,11 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if self.retryable() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::Unauthenticated { challenge, .. } = &self
+            && let Ok(value) = HeaderValue::from_str(challenge)
+        {
+            headers.insert(header::WWW_AUTHENTICATE, value);
         }
         response
     }

@@ -332,3 +332,81 @@ mod tests {
         assert!(order.cancel(now).is_err(), "a paid order cannot be cancelled");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! The order document is untrusted input: any draft parses or is refused with field
+    //! violations on the fields that are wrong, and what parses keeps its values exactly.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn line() -> impl Strategy<Value = LineItemDraft> {
+        (
+            prop_oneof![any::<String>(), "[A-Za-z0-9._-]{1,64}"],
+            any::<i64>(),
+            prop_oneof![any::<i64>(), 0..1_000_000i64],
+        )
+            .prop_map(|(sku, quantity, unit_price_minor)| LineItemDraft {
+                sku,
+                quantity: quantity % 2000,
+                unit_price_minor,
+            })
+    }
+
+    fn draft() -> impl Strategy<Value = OrderDraft> {
+        (
+            prop_oneof![any::<String>(), "[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}"],
+            prop::collection::vec(line(), 0..110),
+            prop_oneof![any::<String>(), Just("EUR".to_owned())],
+            prop::option::of(any::<String>()),
+        )
+            .prop_map(|(customer_id, items, currency, note)| OrderDraft {
+                customer_id,
+                items,
+                currency,
+                note,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn every_draft_parses_or_names_its_wrong_fields(draft in draft()) {
+            match NewOrder::parse(draft.clone()) {
+                Ok(order) => {
+                    prop_assert_eq!(order.customer_id.as_str(), draft.customer_id.as_str());
+                    prop_assert_eq!(order.items.len(), draft.items.len());
+                    for (parsed, raw) in order.items.iter().zip(&draft.items) {
+                        prop_assert_eq!(parsed.sku.as_str(), raw.sku.as_str());
+                        prop_assert_eq!(i64::from(parsed.quantity.get()), raw.quantity);
+                        prop_assert_eq!(parsed.unit_price_minor, raw.unit_price_minor);
+                    }
+                    let total: i64 = draft.items.iter().map(|i| i.quantity * i.unit_price_minor).sum();
+                    prop_assert_eq!(order.total_minor, total);
+                    prop_assert!(!order.customer_id.as_str().contains('\0'));
+                }
+                Err(e) => {
+                    prop_assert!(!e.violations.is_empty());
+                    for v in &e.violations {
+                        let known = ["customer_id", "currency", "note", "items"].iter().any(|f| v.field.starts_with(f));
+                        prop_assert!(known, "unknown field {}", v.field);
+                        prop_assert!(!v.message.is_empty());
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn control_characters_are_refused_at_the_field(c in prop::char::range('\0', '\u{1f}'), at in 0usize..8) {
+            let mut poisoned = "cust-1".to_owned();
+            poisoned.insert(at.min(poisoned.len()), c);
+            let draft = OrderDraft { customer_id: poisoned, items: vec![LineItemDraft { sku: "A".into(), quantity: 1, unit_price_minor: 1 }],
+                                     currency: "EUR".into(), note: Some(format!("a{c}b")) };
+            let err = NewOrder::parse(draft).expect_err("refused");
+            prop_assert!(err.violations.iter().any(|v| v.field == "customer_id"));
+            if c != '\n' {
+                prop_assert!(err.violations.iter().any(|v| v.field == "note"), "{:?}", err.violations);
+            }
+        }
+    }
+}

@@ -96,3 +96,36 @@ mod tests {
         assert!(ListQuery::parse(Some(-1), None).is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Page tokens come back from clients: any string decodes or is refused, never panics,
+    //! and every token this service issues decodes to what it encoded.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_string_decodes_or_is_refused(raw in any::<String>()) {
+            if let Ok(token) = PageToken::decode("page_token", &raw) {
+                // Upper-case hex is accepted too: more lenient than the documented pattern.
+                prop_assert_eq!(token.encode(), raw.to_ascii_lowercase());
+            }
+        }
+
+        #[test]
+        fn issued_tokens_round_trip(bytes in any::<[u8; 16]>()) {
+            let token = PageToken { after: OrderId::from_uuid(uuid::Uuid::from_bytes(bytes)) };
+            prop_assert_eq!(PageToken::decode("page_token", &token.encode()), Ok(token));
+        }
+
+        #[test]
+        fn page_sizes_outside_the_bounds_are_field_errors(size in any::<i64>()) {
+            match ListQuery::parse(Some(size), None) {
+                Ok(query) => prop_assert!((1..=100).contains(&i64::from(query.page_size))),
+                Err(e) => prop_assert!(e.violations.iter().all(|v| v.field == "page_size")),
+            }
+        }
+    }
+}

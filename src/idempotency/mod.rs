@@ -370,3 +370,32 @@ mod tests {
         assert_ne!(Fingerprint::of("POST", "/r", b"{}"), Fingerprint::of("POST", "/r", b"{ }"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Idempotency-Key headers are untrusted: any value parses to the key it spells or is a
+    //! typed 400, and no accepted key carries a byte outside visible ASCII.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_header_value_parses_or_is_a_typed_error(raw in any::<String>()) {
+            match IdempotencyKey::parse(&raw) {
+                Ok(key) => {
+                    prop_assert!((1..=255).contains(&key.0.len()));
+                    prop_assert!(key.0.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'"'));
+                    prop_assert!(raw.contains(&key.0));
+                }
+                Err(e) => prop_assert!(matches!(e, ApiError::IdempotencyKey(_))),
+            }
+        }
+
+        #[test]
+        fn visible_ascii_keys_round_trip(key in "[!#-~]{1,255}") {
+            prop_assert_eq!(IdempotencyKey::parse(&key).expect("valid").0, key.clone());
+            prop_assert_eq!(IdempotencyKey::parse(&format!("\"{key}\"")).expect("quoted").0, key);
+        }
+    }
+}

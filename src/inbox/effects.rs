@@ -41,14 +41,13 @@ fn clean(field: &str, value: &str, free_text: bool) -> Result<(), String> {
 }
 
 /// Decodes and validates; every failure is a poison message (it can never succeed).
-fn decode(inbox: &Inbox, message: &InboundMessage) -> Result<(String, Event), String> {
+fn decode(settings: &super::InboxSettings, message: &InboundMessage) -> Result<(String, Event), String> {
     let id = message
         .header("ce_id")
         .filter(|id| !id.is_empty() && id.len() <= 255)
         .ok_or("missing or invalid ce_id")?;
     clean("ce_id", id, false)?;
     let ce_type = message.header("ce_type").ok_or("missing ce_type")?;
-    let settings = inbox.settings();
     let expected_topic = match ce_type {
         PAYMENT_CAPTURED | PAYMENT_FAILED => &settings.payments_topic,
         CUSTOMER_UPDATED => &settings.customers_topic,
@@ -105,7 +104,7 @@ fn decode(inbox: &Inbox, message: &InboundMessage) -> Result<(String, Event), St
 }
 
 pub(super) async fn handle(inbox: &Inbox, message: &InboundMessage) -> Result<Outcome, HandleError> {
-    let (id, event) = decode(inbox, message).map_err(HandleError::Poison)?;
+    let (id, event) = decode(inbox.settings(), message).map_err(HandleError::Poison)?;
     let consumer = inbox.consumer_name(&message.topic);
     let mut tx = inbox.store.begin().await?;
     if !tx.insert_inbox(&consumer, &id).await? {
@@ -166,6 +165,132 @@ async fn apply(
         Event::CustomerUpdated(customer) => {
             let applied = tx.upsert_customer(&customer).await?;
             Ok((if applied { Outcome::Applied } else { Outcome::Stale }, None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Inbound events are untrusted input: whatever the headers and payload, decoding never
+    //! panics, and everything it accepts is clean (no control characters reach the store).
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn settings() -> super::super::InboxSettings {
+        super::super::InboxSettings {
+            group_id: "g".into(),
+            payments_topic: "payments.events".into(),
+            customers_topic: "customers.events".into(),
+            retention: std::time::Duration::from_secs(3600),
+            max_parallel_partitions: 1,
+            max_attempts: 1,
+        }
+    }
+
+    fn message(topic: &str, ce_id: String, ce_type: &str, payload: Vec<u8>) -> InboundMessage {
+        InboundMessage {
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            headers: vec![("ce_id".into(), ce_id), ("ce_type".into(), ce_type.into())],
+            payload,
+        }
+    }
+
+    fn ce_type() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![PAYMENT_CAPTURED, PAYMENT_FAILED, CUSTOMER_UPDATED, "x.y.Unknown"])
+    }
+
+    /// Short ASCII strings, control characters (NUL included) as likely as letters.
+    fn ascii() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::char::range('\0', '\u{7f}'), 1..12)
+            .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    /// A message id: mostly well formed, sometimes with control characters.
+    fn ce_id() -> impl Strategy<Value = String> {
+        prop_oneof![3 => "[a-z0-9-]{1,20}".boxed(), 1 => ascii().boxed()]
+    }
+
+    /// A JSON object with the fields the decoders read: mostly plausible values (so many
+    /// messages are accepted and their cleanliness is checked), sometimes any string (control
+    /// characters included), a number or null.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        let field = |plausible: BoxedStrategy<String>| {
+            prop_oneof![
+                4 => plausible.prop_map(serde_json::Value::from),
+                2 => ascii().prop_map(serde_json::Value::from),
+                1 => any::<i64>().prop_map(serde_json::Value::from),
+                1 => Just(serde_json::Value::Null),
+            ]
+        };
+        let text = || "[ -~]{1,12}".boxed();
+        (
+            (field(text()), field(Just("01938f6e-4c2a-7b3e-9d41-6a2f0c5e8b17".to_owned()).boxed()), field("[0-9]{1,6}".boxed())),
+            (field(Just("EUR".to_owned()).boxed()), field(text()), field("[a-z0-9-]{1,12}".boxed())),
+            (field(text()), field(Just("CUSTOMER_TIER_GOLD".to_owned()).boxed()), field("[1-9][0-9]{0,3}".boxed())),
+        )
+            .prop_map(|((payment, order, amount), (currency, reason, customer), (name, tier, version))| {
+                serde_json::to_vec(&serde_json::json!({
+                    "paymentId": payment, "orderId": order, "amountMinor": amount, "currency": currency,
+                    "reason": reason, "customerId": customer, "displayName": name, "tier": tier, "version": version,
+                }))
+                .expect("json")
+            })
+    }
+
+    #[test]
+    fn fields_a_newer_producer_adds_are_ignored() {
+        let captured = serde_json::json!({"paymentId": "p", "orderId": "01938f6e-4c2a-7b3e-9d41-6a2f0c5e8b17",
+            "amountMinor": "100", "currency": "EUR", "capturedAt": "2026-12-02T00:00:00Z", "method": {"card": "visa"}});
+        let message =
+            message("payments.events", "id-1".into(), PAYMENT_CAPTURED, captured.to_string().into_bytes());
+        assert!(
+            decode(&settings(), &message).is_ok(),
+            "a tolerant reader: {:?}",
+            decode(&settings(), &message).err()
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(ce_id in any::<String>(), ce_type in ce_type(), payload in any::<Vec<u8>>()) {
+            let settings = settings();
+            for topic in ["payments.events", "customers.events", "elsewhere"] {
+                let _ = decode(&settings, &message(topic, ce_id.clone(), ce_type, payload.clone()));
+            }
+        }
+
+        #[test]
+        fn what_is_accepted_is_clean(ce_id in ce_id(), ce_type in ce_type(), payload in payload()) {
+            let settings = settings();
+            let topic = if ce_type == CUSTOMER_UPDATED { "customers.events" } else { "payments.events" };
+            if let Ok((id, event)) = decode(&settings, &message(topic, ce_id, ce_type, payload)) {
+                let clean = |s: &str| !s.chars().any(|c| c == '\0' || (c.is_control() && c != '\n' && c != '\t'));
+                prop_assert!(!id.is_empty() && id.len() <= 255 && clean(&id));
+                match event {
+                    Event::PaymentCaptured { payment, .. } => {
+                        prop_assert!(clean(&payment.payment_id) && payment.amount_minor >= 0 && payment.currency.len() == 3);
+                    }
+                    Event::PaymentFailed { reason, .. } => prop_assert!(clean(&reason) && !reason.trim().is_empty()),
+                    Event::CustomerUpdated(c) => {
+                        prop_assert!(clean(&c.display_name) && c.version >= 1 && !c.customer_id.is_empty());
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn a_nul_anywhere_in_a_string_field_is_a_poison_verdict(prefix in "[a-z]{0,8}", suffix in "[a-z]{0,8}") {
+            let settings = settings();
+            let bad = format!("{prefix}\u{0}{suffix}");
+            let failed = serde_json::json!({"paymentId": "p", "orderId": "01938f6e-4c2a-7b3e-9d41-6a2f0c5e8b17", "reason": bad});
+            let verdict = decode(&settings, &message("payments.events", "id-1".into(), PAYMENT_FAILED, failed.to_string().into_bytes()));
+            prop_assert!(matches!(&verdict, Err(reason) if reason.contains("U+0000")), "{:?}", verdict.err());
+            let verdict = decode(&settings, &message("payments.events", bad.clone(), PAYMENT_FAILED, Vec::new()));
+            prop_assert!(matches!(&verdict, Err(reason) if reason.contains("ce_id")), "{:?}", verdict.err());
         }
     }
 }

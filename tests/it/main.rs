@@ -5,6 +5,7 @@
 //! (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`); `scripts/test.sh`
 //! starts one if none is running.
 
+mod admin_auth;
 mod deprecation;
 mod grpc;
 mod health;
