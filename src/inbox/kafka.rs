@@ -302,7 +302,8 @@ impl Worker {
     }
 }
 
-fn inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> InboundMessage {
+/// A Kafka record as the inbox sees it (headers as UTF-8, lossily).
+pub fn inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> InboundMessage {
     let headers = message
         .headers()
         .map(|h| {

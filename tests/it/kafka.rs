@@ -9,9 +9,8 @@ use std::{
 
 use orders_service::publish::{KafkaPublisher, KafkaSettings, TopicSettings};
 use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
+    ClientConfig, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
-    message::Headers,
 };
 
 /// Partitions of every test topic.
@@ -83,22 +82,13 @@ fn reader(brokers: &str, topic: &str) -> BaseConsumer {
 /// The next record, if one arrives within 100 ms.
 fn next_record(consumer: &BaseConsumer) -> Option<Record> {
     let message = consumer.poll(Duration::from_millis(100))?.expect("consume");
-    let headers = message
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let inbound = orders_service::inbox::kafka::inbound(&message);
     Some(Record {
-        key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-        headers,
-        payload: message.payload().unwrap_or_default().to_vec(),
-        partition: message.partition(),
-        offset: message.offset(),
+        key: String::from_utf8_lossy(&inbound.key.unwrap_or_default()).into_owned(),
+        headers: inbound.headers.into_iter().collect(),
+        payload: inbound.payload,
+        partition: inbound.partition,
+        offset: inbound.offset,
     })
 }
 
