@@ -12,6 +12,7 @@ use tonic_health::{pb::health_server::HealthServer, server::HealthReporter, serv
 
 use crate::{
     admin::{self, AdminState},
+    auth,
     config::Settings,
     deprecation::{self, DeprecationLayer, Deprecations},
     grpc::{self, GrpcOrders},
@@ -55,6 +56,8 @@ pub struct App {
     bus: Option<Arc<InMemoryBus>>,
     /// Cross-process wake-ups (PostgreSQL only): the notifier's queue.
     notify_rx: Option<tokio::sync::mpsc::Receiver<i32>>,
+    /// JWT verification, when `APP_AUTH__ENABLED`; its keys are loaded before serving.
+    auth: Option<Arc<auth::Authenticator>>,
 }
 
 impl App {
@@ -131,7 +134,14 @@ impl App {
                 inbox_settings,
             )
         });
+        let auth = match &settings.auth {
+            Some(auth) => {
+                Some(auth::Authenticator::new(auth.clone()).await.context("loading the JWKS (APP_AUTH__*)")?)
+            }
+            None => None,
+        };
         Ok(Self {
+            auth,
             settings,
             addrs,
             http,
@@ -201,6 +211,7 @@ impl App {
             inbox,
             bus,
             notify_rx,
+            auth,
         } = self;
         let pg_pool = stores.notify_pool.clone();
         let [http_addr, grpc_addr, admin_addr] = addrs;
@@ -286,7 +297,8 @@ impl App {
             idempotency: idempotency.clone(),
             body_limit: settings.http.body_limit_bytes,
         };
-        let rest = http::router(state, metrics.clone(), limits, settings.roles.api, idempotency_layer);
+        let rest =
+            http::router(state, metrics.clone(), limits, settings.roles.api, idempotency_layer, auth.clone());
         let g = &settings.grpc;
         let grpc_server = Server::builder()
             .timeout(settings.http.request_timeout)
@@ -299,6 +311,8 @@ impl App {
             .layer(GrpcMetricsLayer(metrics.clone()))
             .layer(tower::util::MapResponseLayer::new(grpc::replayed_trailers::<tonic::body::Body>))
             .layer(grpc_inbound)
+            // Callers are verified before anything of theirs runs (health checks stay open).
+            .layer(tower::util::option_layer(auth.map(auth::GrpcAuthLayer)))
             .layer(DeprecationLayer::new(deprecations, deprecation::grpc_gone))
             .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
             .add_service(reflection().build_v1()?)

@@ -39,6 +39,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_GRPC__KEEPALIVE_INTERVAL_MS", "30000", "HTTP/2 PING interval on idle connections"),
     ("APP_GRPC__KEEPALIVE_TIMEOUT_MS", "10000", "a connection whose PING is unanswered this long is closed"),
     ("APP_ADMIN__ADDR", "127.0.0.1:9090", "/metrics"),
+    ("APP_AUTH__ENABLED", "false", "verify JWT bearer tokens on the REST and gRPC API"),
+    ("APP_AUTH__JWKS_FILE", "", "JWKS document with the signing keys (one of FILE or URL)"),
+    ("APP_AUTH__JWKS_URL", "", "http:// JWKS endpoint, refetched every REFRESH and on an unknown key"),
+    ("APP_AUTH__JWKS_REFRESH_MS", "300000", "how long fetched keys are used before a refetch"),
+    ("APP_AUTH__ISSUER", "", "required iss"),
+    ("APP_AUTH__AUDIENCE", "", "required aud"),
+    ("APP_AUTH__LEEWAY_MS", "30000", "clock skew tolerated on exp and nbf"),
+    ("APP_AUTH__SCOPE_CREATE", "orders:write", "scope a create needs"),
+    ("APP_AUTH__SCOPE_READ", "orders:read", "scope a read (get, list, status) needs"),
+    ("APP_AUTH__SCOPE_CANCEL", "orders:write", "scope a cancel needs"),
     (
         "APP_ADMIN__TOKEN",
         "",
@@ -178,6 +188,8 @@ pub struct Settings {
     pub idempotency: IdempotencySettings,
     /// Redis, when `APP_REDIS__URL` is set.
     pub redis: Option<RedisSettings>,
+    /// JWT verification of API callers, when `APP_AUTH__ENABLED=true`.
+    pub auth: Option<crate::auth::AuthSettings>,
     /// Per-dependency resilience policies.
     pub resilience: ResilienceSettings,
     /// Deprecated operations and their sunsets.
@@ -462,6 +474,10 @@ impl Settings {
                 max_parallel_partitions: env.parse("APP_INBOX__MAX_PARALLEL_PARTITIONS")?,
                 max_attempts: env.parse("APP_INBOX__MAX_ATTEMPTS")?,
             },
+            auth: match env.parse::<bool>("APP_AUTH__ENABLED")? {
+                false => None,
+                true => Some(auth_settings(&env)?),
+            },
             idempotency: IdempotencySettings {
                 ttl: env.millis("APP_IDEMPOTENCY__TTL_MS")?,
                 lock_ttl: env.millis("APP_IDEMPOTENCY__LOCK_TTL_MS")?,
@@ -630,6 +646,53 @@ impl Vars<'_> {
     }
 }
 
+/// Reads `APP_AUTH__*` (auth is on): exactly one key source, an issuer and an audience.
+fn auth_settings(env: &Vars<'_>) -> Result<crate::auth::AuthSettings, ConfigError> {
+    use crate::auth::{AuthSettings, JwksSource, Scopes};
+    let required = |name: &str| {
+        let value = env.raw(name);
+        if value.is_empty() { Err(error(name, "is required when APP_AUTH__ENABLED=true")) } else { Ok(value) }
+    };
+    let jwks = match (env.raw("APP_AUTH__JWKS_FILE"), env.raw("APP_AUTH__JWKS_URL")) {
+        (file, url) if file.is_empty() == url.is_empty() => {
+            return Err(error(
+                "APP_AUTH__JWKS_FILE",
+                "set exactly one of APP_AUTH__JWKS_FILE and APP_AUTH__JWKS_URL",
+            ));
+        }
+        (file, _) if !file.is_empty() => JwksSource::File(file.into()),
+        (_, url) if url.starts_with("http://") => JwksSource::Url(url),
+        (_, url) if url.starts_with("https://") => {
+            return Err(error(
+                "APP_AUTH__JWKS_URL",
+                "https:// needs TLS, which this build does not include yet: serve the JWKS over http:// inside the \
+                 cluster (a mesh can add mTLS) or mount it with APP_AUTH__JWKS_FILE",
+            ));
+        }
+        _ => return Err(error("APP_AUTH__JWKS_URL", "expected an http:// URL")),
+    };
+    let scope = |name: &str| {
+        let value = env.raw(name);
+        if value.is_empty() || value.contains(char::is_whitespace) {
+            Err(error(name, "must be one scope, without spaces"))
+        } else {
+            Ok(value)
+        }
+    };
+    Ok(AuthSettings {
+        jwks,
+        issuer: required("APP_AUTH__ISSUER")?,
+        audience: required("APP_AUTH__AUDIENCE")?,
+        leeway: Duration::from_millis(env.parse::<u64>("APP_AUTH__LEEWAY_MS")?),
+        refresh: env.millis("APP_AUTH__JWKS_REFRESH_MS")?,
+        scopes: Scopes {
+            create: scope("APP_AUTH__SCOPE_CREATE")?,
+            read: scope("APP_AUTH__SCOPE_READ")?,
+            cancel: scope("APP_AUTH__SCOPE_CANCEL")?,
+        },
+    })
+}
+
 /// Reads `APP_RESILIENCE__*`, with each dependency's timeout from its own settings.
 fn resilience(env: &Vars<'_>) -> Result<ResilienceSettings, ConfigError> {
     let breaker = |dep: &str| -> Result<BreakerSettings, ConfigError> {
@@ -761,6 +824,37 @@ mod tests {
         assert_eq!(format!("{:?}", settings.admin.token), "Some(Secret([redacted]))", "never printed");
         let loopback = Settings::from_vars(vars(&[("APP_ADMIN__ADDR", "[::1]:9090")])).expect("loopback");
         assert!(loopback.admin.token.is_none(), "loopback without a token: cargo run's default");
+    }
+
+    #[test]
+    fn auth_needs_one_key_source_an_issuer_and_an_audience() {
+        let on = |extra: &[(&str, &str)]| {
+            let mut all = vec![
+                ("APP_AUTH__ENABLED", "true"),
+                ("APP_AUTH__ISSUER", "https://id"),
+                ("APP_AUTH__AUDIENCE", "orders"),
+            ];
+            all.extend_from_slice(extra);
+            Settings::from_vars(vars(&all))
+        };
+        assert_eq!(on(&[]).unwrap_err().variable, "APP_AUTH__JWKS_FILE", "no key source");
+        let both = [("APP_AUTH__JWKS_FILE", "/k.json"), ("APP_AUTH__JWKS_URL", "http://id/jwks")];
+        assert_eq!(on(&both).unwrap_err().variable, "APP_AUTH__JWKS_FILE", "two key sources");
+        let https = on(&[("APP_AUTH__JWKS_URL", "https://id/jwks")]).unwrap_err();
+        assert!(https.message.contains("TLS"), "{}", https.message);
+        let spaced = [("APP_AUTH__JWKS_FILE", "/k.json"), ("APP_AUTH__SCOPE_READ", "a b")];
+        assert_eq!(on(&spaced).unwrap_err().variable, "APP_AUTH__SCOPE_READ");
+        let no_issuer = [
+            ("APP_AUTH__ENABLED", "true"),
+            ("APP_AUTH__JWKS_FILE", "/k.json"),
+            ("APP_AUTH__AUDIENCE", "orders"),
+        ];
+        assert_eq!(Settings::from_vars(vars(&no_issuer)).unwrap_err().variable, "APP_AUTH__ISSUER");
+        let settings = on(&[("APP_AUTH__JWKS_URL", "http://id/jwks")]).expect("valid");
+        let auth = settings.auth.expect("on");
+        assert_eq!(auth.jwks, crate::auth::JwksSource::Url("http://id/jwks".into()));
+        assert_eq!((auth.scopes.create.as_str(), auth.scopes.read.as_str()), ("orders:write", "orders:read"));
+        assert!(Settings::from_vars(vars(&[])).expect("defaults").auth.is_none(), "off by default");
     }
 
     #[test]

@@ -95,6 +95,14 @@ pub enum ApiError {
         /// What was wrong, for the client (never the expected credential).
         detail: String,
     },
+    /// The caller is known but its token lacks the scope this operation needs.
+    #[error("{detail}")]
+    Forbidden {
+        /// The `WWW-Authenticate` challenge naming the scope (RFC 6750 `insufficient_scope`).
+        challenge: String,
+        /// What was missing.
+        detail: String,
+    },
     /// A bug or an unexpected state; details are logged, never returned.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -192,6 +200,9 @@ impl ApiError {
                 Code::Unauthenticated,
                 "Authentication required",
             ),
+            Self::Forbidden { .. } => {
+                ("forbidden", StatusCode::FORBIDDEN, Code::PermissionDenied, "Not allowed")
+            }
             Self::Internal(_) => {
                 ("internal", StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, "Internal error")
             }
@@ -287,7 +298,7 @@ impl IntoResponse for ApiError {
         if self.retryable() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if let ApiError::Unauthenticated { challenge, .. } = &self
+        if let ApiError::Unauthenticated { challenge, .. } | ApiError::Forbidden { challenge, .. } = &self
             && let Ok(value) = HeaderValue::from_str(challenge)
         {
             headers.insert(header::WWW_AUTHENTICATE, value);

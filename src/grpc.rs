@@ -141,7 +141,9 @@ impl GrpcOrders {
         let Some(key) = idem.key(raw, required)? else {
             return Ok(Response::new(op(request, None).await?.0));
         };
-        let identity = idem.caller(|name| request.metadata().get(name).and_then(|v| v.to_str().ok()));
+        let identity = idem.caller(request.extensions().get(), |name| {
+            request.metadata().get(name).and_then(|v| v.to_str().ok())
+        });
         let fingerprint = Fingerprint::of("grpc", &route, &request.get_ref().encode_to_vec());
         let scoped = ScopedKey::new(&identity, "grpc", &route, &key);
         let context = IdempotencyContext { key: scoped.clone(), fingerprint, ttl: idem.settings().ttl };

@@ -20,16 +20,18 @@
 //! - [`resilience`]: per-dependency policies (breaker, timeout, budgeted retries,
 //!   concurrency limit) and the inbound load-shedding and deadline layer.
 //! - [`admin`]: the admin server: metrics and outbox dead-letter operations.
+//! - [`auth`]: optional JWT verification of API callers (REST and gRPC).
 //! - [`error`]: the API error type and the one table mapping it to HTTP and gRPC.
 //! - [`http`]: the REST API (axum), `/healthz`, `/readyz` and the OpenAPI document.
 //! - [`grpc`]: the `orders.v1.OrderService` gRPC API (tonic).
 //! - [`health`]: readiness checks shared by `/readyz` and `grpc.health.v1.Health`.
 //! - [`metrics`]: Prometheus metrics and the admin server that exposes them.
-//! - [`telemetry`]: structured logging.
+//! - [`telemetry`]: structured logs and OpenTelemetry traces.
 //! - [`pb`]: code generated from `proto/`; nothing else includes generated code.
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod backoff;
 pub mod config;
 pub mod deprecation;

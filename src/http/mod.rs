@@ -56,9 +56,13 @@ pub struct AppState {
 `unsupported-media-type` (415), `payload-too-large` (413), `not-found` (404), \
 `method-not-allowed` (405), `invalid-state` (409), `concurrent-update` (409, retry), \
 `unavailable` (503, retry after `Retry-After`), `timeout` (503, retry), `overloaded` (503, \
-shed at the concurrency limit before any work; retry after `Retry-After`), `internal` (500).\n\n\
-Callers are not authenticated by the service itself yet: put it behind a mesh or gateway that \
-authenticates them (the empty security requirement below says so explicitly).",
+shed at the concurrency limit before any work; retry after `Retry-After`), `unauthenticated` \
+(401, with a `WWW-Authenticate` challenge), `forbidden` (403, the token lacks the operation's \
+scope), `internal` (500).\n\n\
+Callers authenticate with a JWT bearer token when the deployment turns verification on \
+(`APP_AUTH__ENABLED`): creates and cancels need the scope `orders:write`, reads \
+`orders:read` (configurable). With verification off, no credential is needed (the empty \
+security requirement).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
@@ -73,10 +77,27 @@ authenticates them (the empty security requirement below says so explicitly).",
     components(schemas(Problem, ProblemField, Check, ReadinessReport)),
     tags((name = "orders", description = "Order lifecycle"), (name = "health", description = "Kubernetes probes")),
     servers((url = "/", description = "The host serving this document")),
-    security(()),
-    modifiers(&CamelCaseLinks)
+    security((), ("bearer" = [])),
+    modifiers(&CamelCaseLinks, &BearerScheme)
 )]
 pub struct ApiDoc;
+
+/// The `bearer` security scheme: a JWT in `Authorization`.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .description(Some("A JWT from the deployment's identity provider (when APP_AUTH__ENABLED)."))
+            .build();
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
 
 /// utoipa 5.5 writes a Link Object's fields in snake_case (`operation_id`), which OpenAPI
 /// tools ignore, so stateful fuzzers and generated clients would never follow the links.
@@ -200,6 +221,7 @@ pub fn router(
     limits: Limits,
     api_role: bool,
     idempotency: IdempotencyLayerState,
+    auth: Option<Arc<crate::auth::Authenticator>>,
 ) -> Router {
     let api = if api_role {
         let required = middleware::from_fn_with_state(idempotency.clone(), idempotency::http::required);
@@ -212,6 +234,10 @@ pub fn router(
             .route("/v1/orders/{id}/status", get(orders::get_order_status))
             // After routing, so the layer sees the route template it is keyed by.
             .route_layer(DeprecationLayer::new(state.deprecations.clone(), deprecation::rest_gone))
+            // Outermost of the route layers: nothing runs for a caller that is not verified.
+            .route_layer(tower::util::option_layer(
+                auth.map(|auth| middleware::from_fn_with_state(auth, crate::auth::rest)),
+            ))
             .layer(limits.inbound.clone())
     } else {
         Router::new()

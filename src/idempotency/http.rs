@@ -50,7 +50,8 @@ async fn handle(state: IdempotencyLayerState, required: bool, request: Request, 
         Ok(None) => return next.run(request).await,
         Err(e) => return e.into_response(),
     };
-    let identity = idem.caller(|name| request.headers().get(name).and_then(|v| v.to_str().ok()));
+    let identity = idem
+        .caller(request.extensions().get(), |name| request.headers().get(name).and_then(|v| v.to_str().ok()));
     // The concrete path, not the route template: a key used to cancel order A must not
     // replay A's response when it is sent again to cancel order B.
     let route = request.uri().path().to_owned();

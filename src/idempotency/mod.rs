@@ -219,9 +219,17 @@ impl Idempotency {
         parsed.map(Some).inspect_err(|_| self.count("malformed"))
     }
 
-    /// The caller's identity: the value of the trusted identity header (looked up by name
-    /// with `lookup`), or `anonymous` when none is configured or sent.
-    pub fn caller<'a>(&self, lookup: impl FnOnce(&str) -> Option<&'a str>) -> String {
+    /// The caller's identity: the verified token's (`iss|sub`) when auth is on, else the
+    /// value of the trusted identity header (looked up by name with `lookup`), else
+    /// `anonymous`.
+    pub fn caller<'a>(
+        &self,
+        verified: Option<&crate::auth::Caller>,
+        lookup: impl FnOnce(&str) -> Option<&'a str>,
+    ) -> String {
+        if let Some(caller) = verified {
+            return caller.identity.clone();
+        }
         let name = &self.settings.identity_header;
         let identity = if name.is_empty() { None } else { lookup(name).filter(|v| !v.is_empty()) };
         identity.unwrap_or("anonymous").to_owned()

@@ -6,6 +6,7 @@
 //! starts one if none is running.
 
 mod admin_auth;
+mod auth;
 mod deprecation;
 mod grpc;
 mod health;
