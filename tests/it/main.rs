@@ -30,4 +30,5 @@ mod rest;
 mod shutdown;
 mod store_conformance;
 mod support;
+mod tls;
 mod wakeup;
