@@ -444,6 +444,7 @@ fn idempotency_service(
             redis.timeout,
             policies.redis.clone(),
             metrics.clone(),
+            redis.ca_file.as_deref(),
         )?),
         None => {
             if shared_database {

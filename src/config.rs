@@ -24,6 +24,9 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Deadline per call.
     pub timeout: Duration,
+    /// PEM CA that signed the server's certificate (`rediss://` only); without it the
+    /// system's roots are trusted.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Every variable this service reads, with its default and meaning.
@@ -105,6 +108,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_REDIS__URL", "", "redis:// URL of the idempotency store; empty = in memory"),
     ("APP_REDIS__KEY_PREFIX", "orders-service:idem:", "namespace of idempotency keys in Redis"),
     ("APP_REDIS__TIMEOUT_MS", "250", "deadline per Redis call before falling back to the database"),
+    ("APP_REDIS__CA_FILE", "", "PEM CA for rediss:// (a private CA); empty = the system's roots"),
     ("APP_IDEMPOTENCY__TTL_MS", "86400000", "how long a completed response is replayed (24 h)"),
     ("APP_IDEMPOTENCY__LOCK_TTL_MS", "30000", "in-flight marker lifetime (> request timeout)"),
     ("APP_IDEMPOTENCY__IDENTITY_HEADER", "", "trusted caller-identity header/metadata; empty = anonymous"),
@@ -490,6 +494,7 @@ impl Settings {
                     url: Secret::new(url),
                     key_prefix: env.raw("APP_REDIS__KEY_PREFIX"),
                     timeout: env.millis("APP_REDIS__TIMEOUT_MS")?,
+                    ca_file: Some(env.raw("APP_REDIS__CA_FILE")).filter(|f| !f.is_empty()).map(Into::into),
                 }),
             },
             resilience: resilience(&env)?,
@@ -574,6 +579,12 @@ impl Settings {
             && !(redis.url.expose().starts_with("redis://") || redis.url.expose().starts_with("rediss://"))
         {
             return Err(error("APP_REDIS__URL", "expected a redis:// or rediss:// URL"));
+        }
+        if let Some(redis) = &self.redis
+            && redis.ca_file.is_some()
+            && !redis.url.expose().starts_with("rediss://")
+        {
+            return Err(error("APP_REDIS__CA_FILE", "needs a rediss:// APP_REDIS__URL (TLS)"));
         }
         if self.events.topic.is_empty() {
             return Err(error("APP_EVENTS__TOPIC", "must not be empty"));

@@ -63,8 +63,18 @@ impl RedisKeyStore {
         timeout: Duration,
         policy: Arc<Policy>,
         metrics: Arc<Metrics>,
+        ca_file: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).context("APP_REDIS__URL is not a valid redis:// URL")?;
+        let client = match ca_file {
+            None => redis::Client::open(url).context("APP_REDIS__URL is not a valid redis:// URL")?,
+            Some(path) => {
+                let root_cert = std::fs::read(path)
+                    .with_context(|| format!("reading APP_REDIS__CA_FILE {}", path.display()))?;
+                let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
+                redis::Client::build_with_tls(url, certificates)
+                    .context("APP_REDIS__URL or APP_REDIS__CA_FILE is not usable for TLS")?
+            }
+        };
         let (publish, link) = watch::channel(Link::Connecting);
         let connector = tokio::spawn(connect(client, timeout, publish)).abort_handle();
         Ok(Self { link, prefix, timeout, policy, metrics, connector })

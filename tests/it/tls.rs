@@ -1,8 +1,9 @@
-//! TLS to PostgreSQL against a real TLS endpoint made by the test: a private cluster
-//! (`initdb` into a temporary directory, `ssl=on`) with a CA and a server certificate
-//! generated here (openssl). `sslmode=verify-full` with that CA connects and the server
-//! reports the service's sessions as encrypted; a different CA fails startup with an error
-//! that says why.
+//! TLS to PostgreSQL and Redis against real TLS endpoints made by the test: a private
+//! PostgreSQL cluster (`initdb` into a temporary directory, `ssl=on`) and a TLS-only
+//! `redis-server`, each with a CA and a server certificate generated here (openssl).
+//! With that CA the service connects (PostgreSQL reports its sessions encrypted; Redis
+//! answers its calls); with another CA, PostgreSQL fails startup with an error that says
+//! why and no Redis call succeeds.
 
 use std::{
     path::{Path, PathBuf},
@@ -188,4 +189,80 @@ async fn another_ca_fails_startup_with_a_clear_error() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{err}");
+}
+
+/// A Redis that speaks only TLS, with a certificate from a CA made here; killed (by PID)
+/// when dropped.
+struct TlsRedis {
+    server: Child,
+    port: u16,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = certificates(dir.path(), "redis");
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let file = |name: &str| dir.path().join(name);
+        let server = Command::new("redis-server")
+            .args(["--port", "0", "--bind", "127.0.0.1", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(file("redis-server.crt"))
+            .arg("--tls-key-file")
+            .arg(file("redis-server.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(&ca)
+            .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { server, port, ca, _dir: dir }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// `redis_call_duration_seconds_count` for one operation and outcome, from a scrape.
+fn redis_calls(scrape: &str, outcome: &str) -> u64 {
+    let prefix =
+        format!("redis_call_duration_seconds_count{{operation=\"SET NX GET\",outcome=\"{outcome}\"}} ");
+    scrape.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().expect("count"))
+}
+
+#[tokio::test]
+async fn rediss_with_the_private_ca_carries_the_idempotency_keys_and_another_ca_is_refused() {
+    let redis = TlsRedis::start();
+    let url = format!("rediss://localhost:{}", redis.port);
+    let ca = redis.ca.to_string_lossy().into_owned();
+    let app =
+        support::TestApp::spawn_configured(&[("APP_REDIS__URL", &url), ("APP_REDIS__CA_FILE", &ca)]).await;
+    for _ in 0..2 {
+        assert_eq!(app.create_with_key(&valid_order(), "tls-1").await.status(), 201);
+    }
+    let scrape = app.metrics().await;
+    assert!(redis_calls(&scrape, "ok") >= 2, "Redis answered over TLS:\n{scrape}");
+    assert_eq!(redis_calls(&scrape, "error"), 0);
+
+    // A CA that did not sign the server's certificate: every call fails (the database
+    // backstop keeps creates exactly-once meanwhile).
+    let other = tempfile::tempdir().expect("tempdir");
+    let wrong = certificates(other.path(), "other").to_string_lossy().into_owned();
+    let app =
+        support::TestApp::spawn_configured(&[("APP_REDIS__URL", &url), ("APP_REDIS__CA_FILE", &wrong)]).await;
+    assert_eq!(app.create_with_key(&valid_order(), "tls-2").await.status(), 201);
+    let scrape = app.metrics().await;
+    assert_eq!(redis_calls(&scrape, "ok"), 0, "no call may succeed with the wrong CA");
 }
