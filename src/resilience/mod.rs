@@ -99,16 +99,16 @@ pub enum Refused<E> {
 
 /// Counts a call as waiting for a concurrency slot until dropped (also when the timeout
 /// cuts the wait short).
-struct Waiting(prometheus::IntGauge);
+struct Waiting<'a>(&'a prometheus::IntGauge);
 
-impl Waiting {
-    fn new(gauge: prometheus::IntGauge) -> Self {
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
         gauge.inc();
         Self(gauge)
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -121,6 +121,8 @@ pub struct Policy {
     breaker: Breaker,
     budget: TpsBudget,
     permits: Semaphore,
+    /// `resilience_calls_waiting` of this dependency, resolved once (every call moves it).
+    waiting: prometheus::IntGauge,
     metrics: Arc<Metrics>,
 }
 
@@ -144,6 +146,7 @@ impl Policy {
                 settings.retry_ratio.clamp(0.0, 1000.0),
             ),
             permits: Semaphore::new(settings.concurrency.max(1)),
+            waiting: metrics.calls_waiting.with_label_values(&[name]),
             metrics,
         })
     }
@@ -172,7 +175,7 @@ impl Policy {
         loop {
             let Some(permit) = self.breaker.permit() else { return Err(Refused::Open(name)) };
             let attempt = async {
-                let waiting = Waiting::new(self.metrics.calls_waiting.with_label_values(&[name]));
+                let waiting = Waiting::new(&self.waiting);
                 let _slot = self.permits.acquire().await;
                 drop(waiting);
                 op().await
