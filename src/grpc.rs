@@ -290,8 +290,7 @@ where
 /// The trace context stored with the events this call emits: the call's span, or with
 /// tracing off the caller's W3C metadata.
 fn trace_context(metadata: &tonic::metadata::MetadataMap) -> TraceContext {
-    let get = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
-    crate::telemetry::current_or(TraceContext::from_headers(get("traceparent"), get("tracestate")))
+    crate::telemetry::event_context(|name| metadata.get(name).and_then(|v| v.to_str().ok()))
 }
 
 fn to_pb(order: Order) -> pb::Order {

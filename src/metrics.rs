@@ -363,7 +363,8 @@ impl Metrics {
     }
 }
 
-/// axum middleware recording REST RED metrics by route template.
+/// axum middleware recording REST RED metrics by route template, inside the request's HTTP
+/// server span (see [`crate::telemetry::http_server_span`]).
 pub async fn track_http(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let method = request.method().as_str().to_owned();
     let route = request
@@ -371,8 +372,11 @@ pub async fn track_http(State(metrics): State<Arc<Metrics>>, request: Request, n
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
+    let matched = (route != "unmatched").then_some(route.as_str());
+    let span = crate::telemetry::http_server_span(&method, matched, &request);
     let start = Instant::now();
-    let response = next.run(request).await;
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    crate::telemetry::http_status(&span, response.status());
     metrics.http_duration.with_label_values(&[&method, &route]).observe(start.elapsed().as_secs_f64());
     metrics.http_requests.with_label_values(&[&method, &route, response.status().as_str()]).inc();
     response

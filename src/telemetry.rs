@@ -215,6 +215,11 @@ pub fn current_or(received: TraceContext) -> TraceContext {
     context_of(&Span::current(), received)
 }
 
+/// [`current_or`] the W3C context that `get` reads from headers, metadata or a message.
+pub fn event_context<'a>(get: impl Fn(&str) -> Option<&'a str>) -> TraceContext {
+    current_or(TraceContext::from_headers(get("traceparent"), get("tracestate")))
+}
+
 /// `span`'s trace context as W3C headers, or `fallback` when it is not traced.
 pub fn context_of(span: &Span, fallback: TraceContext) -> TraceContext {
     let context = span.context();
@@ -230,27 +235,24 @@ pub fn context_of(span: &Span, fallback: TraceContext) -> TraceContext {
 }
 
 /// The HTTP server span of a request (semantic conventions): named `METHOD /route` (the
-/// route template, never the raw path), continuing the caller's trace.
-pub async fn http_server_span(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let method = request.method().as_str().to_owned();
-    let route = request.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned());
-    let name = route.as_ref().map_or_else(|| method.clone(), |r| format!("{method} {r}"));
+/// route template, never the raw path), continuing the caller's trace; [`http_status`]
+/// completes it.
+pub fn http_server_span(method: &str, route: Option<&str>, request: &axum::extract::Request) -> Span {
+    let name = route.map_or_else(|| method.to_owned(), |r| format!("{method} {r}"));
     let span = tracing::info_span!("http.server", otel.name = %name, otel.kind = "server",
-        http.request.method = %method, http.route = route.as_deref(), url.path = request.uri().path(),
+        http.request.method = method, http.route = route, url.path = request.uri().path(),
         url.scheme = "http", http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty, "error.type" = tracing::field::Empty);
     continue_from(&span, |name| request.headers().get(name).and_then(|v| v.to_str().ok()));
-    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
-    let status = response.status();
+    span
+}
+
+/// Records the response status; a 5xx marks the span failed.
+pub fn http_status(span: &Span, status: http::StatusCode) {
     span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {
-        span.record("otel.status_code", "ERROR");
-        span.record("error.type", status.as_str());
+        failed(span, status.as_str());
     }
-    response
 }
 
 /// The RPC server span of a gRPC call: named `package.Service/Method`, continuing the

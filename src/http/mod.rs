@@ -254,8 +254,8 @@ pub fn router(
     api.layer(
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http())
+            // RED metrics and the HTTP server span, in one pass over the request.
             .layer(middleware::from_fn_with_state(metrics, metrics::track_http))
-            .layer(middleware::from_fn(crate::telemetry::http_server_span))
             .layer(HandleErrorLayer::new(|_: tower::BoxError| async { ApiError::Timeout }))
             .timeout(limits.request_timeout)
             .layer(DefaultBodyLimit::max(limits.body_limit_bytes)),

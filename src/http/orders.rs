@@ -370,8 +370,7 @@ pub async fn cancel_order(
 /// The trace context stored with the events this request emits: the request's span, or
 /// with tracing off the caller's W3C headers.
 fn trace_context(headers: &HeaderMap) -> TraceContext {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    crate::telemetry::current_or(TraceContext::from_headers(get("traceparent"), get("tracestate")))
+    crate::telemetry::event_context(|name| headers.get(name).and_then(|v| v.to_str().ok()))
 }
 
 #[cfg(test)]

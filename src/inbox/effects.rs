@@ -112,8 +112,7 @@ pub(super) async fn handle(inbox: &Inbox, message: &InboundMessage) -> Result<Ou
     }
     // The events this effect emits continue the consumer's span (with tracing off: the
     // producer's context as received).
-    let received = TraceContext::from_headers(message.header("traceparent"), message.header("tracestate"));
-    let trace = crate::telemetry::current_or(received);
+    let trace = crate::telemetry::event_context(|name| message.header(name));
     let (outcome, woken) = apply(inbox, &mut *tx, event, &trace).await?;
     if let Outcome::Rejected(reason) = &outcome {
         tracing::warn!(topic = %message.topic, message_id = %id, %reason, "inbox: message rejected");
