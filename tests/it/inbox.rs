@@ -533,3 +533,41 @@ async fn a_graceful_stop_commits_offsets_so_a_successor_does_not_redeliver() {
     runner.await.expect("stops");
     assert_eq!(count(&pipeline, &topics.payments, "duplicate"), 0, "nothing was redelivered");
 }
+
+/// Tolerant reader: a producer may add fields (buf allows it), so an event carrying fields
+/// this service does not know is applied, not dead-lettered.
+#[tokio::test]
+async fn events_with_fields_a_newer_producer_added_are_applied() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let order = pipeline.create(1).await;
+    let data = json!({"paymentId": "pay-new", "orderId": order.id.to_string(), "amountMinor": order.total_minor.to_string(),
+                      "currency": order.currency.as_str(), "capturedAt": "2026-12-02T09:00:00Z", "method": {"card": "visa"}});
+    let customer = json!({"customerId": "cust-1", "displayName": "Ada", "tier": "CUSTOMER_TIER_GOLD", "version": "1",
+                          "email": "ada@example.com"});
+    produce(vec![
+        event(&topics.payments, "payments.events.v1.PaymentCaptured", "new-1", &order.id.to_string(), data),
+        event(&topics.customers, "customers.events.v1.CustomerUpdated", "new-2", "cust-1", customer),
+    ])
+    .await;
+    let stop = consume(
+        inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600)),
+        pipeline.metrics.clone(),
+    );
+    eventually(Duration::from_secs(30), "both events handled", || async {
+        let handled = |topic: &str| {
+            ["applied", "dead_lettered"].iter().map(|r| count(&pipeline, topic, r)).sum::<u64>()
+        };
+        handled(&topics.payments) + handled(&topics.customers) == 2
+    })
+    .await;
+    stop.cancel();
+    assert_eq!(
+        count(&pipeline, &topics.payments, "dead_lettered")
+            + count(&pipeline, &topics.customers, "dead_lettered"),
+        0
+    );
+    let stored = pipeline.store.get_order(order.id).await.expect("get").expect("order");
+    assert_eq!(stored.status, OrderStatus::Paid);
+    assert_eq!(pipeline.store.customer_display_name("cust-1").await.expect("read").as_deref(), Some("Ada"));
+}
