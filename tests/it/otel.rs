@@ -193,6 +193,22 @@ impl Binary {
 }
 
 impl Binary {
+    /// SIGTERM, then waits (at most 30 s) for the exit without blocking this runtime: it
+    /// may be serving the receiver a final flush goes to.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let status =
+            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(exit) = self.child.try_wait().expect("try_wait") {
+                return exit;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the binary did not exit within 30 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether a log line so far satisfies `predicate`.
     fn logged(&self, predicate: impl Fn(&Value) -> bool) -> bool {
         self.logs.lock().expect("lock").iter().any(predicate)
@@ -476,18 +492,7 @@ async fn queued_spans_are_flushed_at_shutdown_and_no_endpoint_means_no_exporter(
             .expect("get");
     assert_eq!(response.status(), 404);
     assert!(receiver.spans().is_empty(), "exported before shutdown");
-    let status =
-        Command::new("kill").args(["-TERM", &service.child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
-    // Wait without blocking this runtime: it serves the receiver the flush goes to.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = service.child.try_wait().expect("try_wait") {
-            break exit;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the binary did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = service.terminate().await;
     assert!(exit.success(), "{exit:?}");
     let get = receiver.named("GET /v1/orders/{id}");
     assert_eq!(get.attributes.get("http.response.status_code").map(String::as_str), Some("404"));
@@ -495,4 +500,30 @@ async fn queued_spans_are_flushed_at_shutdown_and_no_endpoint_means_no_exporter(
     // Without an endpoint the binary says it exports nothing (no exporter was built).
     let quiet = Binary::start(&[("APP_DATABASE__URL", &database_url), ("APP_ROLES", "api")]);
     assert!(quiet.logged(|l| l["message"] == "OpenTelemetry tracing" && l["exporting"] == false));
+}
+
+/// A collector that accepts and never answers (blackholed) costs dropped spans, not
+/// requests: every request is answered within its client deadline while the exporter's
+/// queue overflows, and shutdown gives up flushing after its bound instead of hanging.
+#[tokio::test]
+async fn a_blackholed_collector_costs_spans_not_requests_nor_a_hung_shutdown() {
+    let collector = crate::proxy::Blackhole::start().await;
+    let database_url = fresh_postgres().await;
+    let endpoint = format!("http://{}", collector.addr);
+    let mut service = Binary::start(&[
+        ("APP_DATABASE__URL", &database_url),
+        ("APP_ROLES", "api"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "64"),
+    ]);
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("client");
+    let url = format!("http://{}/v1/orders/01938f6e-4c2a-7b3e-9d41-6a2f0c5e8b17", service.http);
+    for i in 0..300 {
+        let response = client.get(&url).send().await.unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(response.status(), 404, "request {i}");
+    }
+    let exit = service.terminate().await;
+    assert!(exit.success(), "{exit:?}");
 }
