@@ -11,7 +11,7 @@ use crate::{
     events,
     idempotency::IdempotencyContext,
     outbox::{TraceContext, Wakeup},
-    store::{IDEMPOTENCY_KEY_INDEX, Store, StoreError, Tx},
+    store::{IDEMPOTENCY_KEY_INDEX, KeyBinding, Store, StoreError, Tx},
 };
 
 /// Why a use-case did not do what was asked. Transport-free: the REST and gRPC edges map
@@ -86,22 +86,20 @@ impl Orders {
             tracing::Span::current().record("order_id", tracing::field::display(order.id));
             let event = events::order_created(&order, trace, self.partitions);
             let mut tx = self.store.begin().await?;
-            tx.insert_order(&order).await?;
-            if let Some(idem) = idempotency {
-                let expires_at = now() + idem.ttl;
-                match tx
-                    .bind_idempotency_key(order.id, idem.key.as_str(), &idem.fingerprint.0, expires_at)
-                    .await
-                {
-                    Err(StoreError::UniqueViolation(index)) if index == IDEMPOTENCY_KEY_INDEX => {
-                        drop(tx);
-                        match self.existing(idem).await? {
-                            Some(created) => return Ok(created),
-                            None => continue,
-                        }
+            let binding = idempotency.map(|idem| KeyBinding {
+                key: idem.key.as_str(),
+                fingerprint: &idem.fingerprint.0,
+                expires_at: now() + idem.ttl,
+            });
+            match (tx.insert_order(&order, binding).await, idempotency) {
+                (Err(StoreError::UniqueViolation(index)), Some(idem)) if index == IDEMPOTENCY_KEY_INDEX => {
+                    drop(tx);
+                    match self.existing(idem).await? {
+                        Some(created) => return Ok(created),
+                        None => continue,
                     }
-                    result => result?,
                 }
+                (result, _) => result?,
             }
             tx.insert_outbox(&event).await?;
             tx.commit().await?;

@@ -19,8 +19,9 @@ macro_rules! sql_tx {
             async fn insert_order(
                 &mut self,
                 order: &crate::domain::Order,
+                binding: Option<crate::store::KeyBinding<'_>>,
             ) -> Result<(), crate::store::StoreError> {
-                crate::store::Sql::<$db>::insert_order(&mut *self.0, order).await
+                crate::store::Sql::<$db>::insert_order(&mut *self.0, order, binding).await
             }
 
             async fn get_order_for_update(
@@ -71,23 +72,6 @@ macro_rules! sql_tx {
                 rejection: &crate::inbox::Rejection,
             ) -> Result<(), crate::store::StoreError> {
                 crate::store::Sql::<$db>::insert_rejection(&mut *self.0, rejection).await
-            }
-
-            async fn bind_idempotency_key(
-                &mut self,
-                order: crate::domain::OrderId,
-                key: &str,
-                fingerprint: &[u8],
-                expires_at: chrono::DateTime<chrono::Utc>,
-            ) -> Result<(), crate::store::StoreError> {
-                crate::store::Sql::<$db>::bind_idempotency_key(
-                    &mut *self.0,
-                    order,
-                    key,
-                    fingerprint,
-                    expires_at,
-                )
-                .await
             }
 
             /// Runs `COMMIT` in a task of its own: once sent, it must finish. A caller cancelled
@@ -289,11 +273,28 @@ pub struct IdempotentOrder {
     pub expires_at: DateTime<Utc>,
 }
 
+/// The Idempotency-Key backstop's binding of a new order.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyBinding<'a> {
+    /// The scoped key (caller and operation included).
+    pub key: &'a str,
+    /// Fingerprint of the request, to tell a replay from a reuse.
+    pub fingerprint: &'a [u8],
+    /// When the binding lapses.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// One write transaction. Dropping it without [`Tx::commit`] rolls back.
 #[async_trait]
 pub trait Tx: Send {
-    /// Inserts a new order.
-    async fn insert_order(&mut self, order: &Order) -> Result<(), StoreError>;
+    /// Inserts a new order, bound to a scoped Idempotency-Key when `binding` is given (one
+    /// statement: the key costs no extra round trip); fails with
+    /// [`StoreError::UniqueViolation`] (`orders_idempotency_key`) if the key is taken.
+    async fn insert_order(
+        &mut self,
+        order: &Order,
+        binding: Option<KeyBinding<'_>>,
+    ) -> Result<(), StoreError>;
     /// Reads an order and locks it until the transaction ends.
     async fn get_order_for_update(&mut self, id: OrderId) -> Result<Option<Order>, StoreError>;
     /// Writes the order's mutable fields if the stored version is still `expected_version`;
@@ -307,15 +308,6 @@ pub trait Tx: Send {
     async fn upsert_customer(&mut self, customer: &CustomerProjection) -> Result<bool, StoreError>;
     /// Records an inbound message that was not applied.
     async fn insert_rejection(&mut self, rejection: &Rejection) -> Result<(), StoreError>;
-    /// Binds an order to a scoped Idempotency-Key; fails with
-    /// [`StoreError::UniqueViolation`] (`orders_idempotency_key`) if the key is taken.
-    async fn bind_idempotency_key(
-        &mut self,
-        order: OrderId,
-        key: &str,
-        fingerprint: &[u8],
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
     /// Commits every write of this transaction atomically.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

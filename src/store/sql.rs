@@ -73,7 +73,9 @@ where
     for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> i32: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> Vec<u8>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> Option<Vec<u8>>: Encode<'a, DB> + Type<DB>,
     for<'a> DateTime<Utc>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> Option<DateTime<Utc>>: Encode<'a, DB> + Type<DB>,
     for<'a> Json<Vec<ItemRecord>>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (i32,): FromRow<'r, DB::Row>,
@@ -81,16 +83,18 @@ where
 {
     // ----- orders -----
 
-    /// Inserts an order.
+    /// Inserts an order with its Idempotency-Key binding, if any, in the same statement.
     #[tracing::instrument(name = "INSERT orders", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
         db.operation.name = "INSERT", db.collection.name = "orders"))]
     pub(super) async fn insert_order<'e, E: Executor<'e, Database = DB>>(
         executor: E,
         order: &Order,
+        binding: Option<super::KeyBinding<'_>>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO orders (id, customer_id, items, currency, total_minor, status, note, created_at, updated_at, version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO orders (id, customer_id, items, currency, total_minor, status, note, created_at, updated_at, version,
+                                 idempotency_key, idempotency_fingerprint, idempotency_expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(order.id.as_uuid())
         .bind(order.customer_id.to_string())
@@ -102,6 +106,9 @@ where
         .bind(order.created_at)
         .bind(order.updated_at)
         .bind(order.version)
+        .bind(binding.map(|b| b.key.to_owned()))
+        .bind(binding.map(|b| b.fingerprint.to_vec()))
+        .bind(binding.map(|b| b.expires_at))
         .execute(executor)
         .await?;
         Ok(())
@@ -387,29 +394,6 @@ where
     }
 
     // ----- Idempotency-Key backstop -----
-
-    /// Binds `order` to `key`; the unique index rejects a key that is already bound.
-    #[tracing::instrument(name = "UPDATE orders", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),
-        db.operation.name = "UPDATE", db.collection.name = "orders"))]
-    pub(super) async fn bind_idempotency_key<'e, E: Executor<'e, Database = DB>>(
-        executor: E,
-        order: OrderId,
-        key: &str,
-        fingerprint: &[u8],
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE orders SET idempotency_key = $2, idempotency_fingerprint = $3, idempotency_expires_at = $4
-             WHERE id = $1",
-        )
-        .bind(order.as_uuid())
-        .bind(key.to_owned())
-        .bind(fingerprint.to_vec())
-        .bind(expires_at)
-        .execute(executor)
-        .await?;
-        Ok(())
-    }
 
     /// The order bound to `key`, if any.
     #[tracing::instrument(name = "SELECT orders", skip_all, fields(otel.kind = "client", db.system.name = db_system::<DB>(),

@@ -95,7 +95,7 @@ async fn pending_order(store: &Arc<dyn Store>, message: &AsynchronousMessage) ->
         chrono::Utc::now(),
     );
     let mut tx = store.begin().await.expect("begin");
-    tx.insert_order(&order).await.expect("insert");
+    tx.insert_order(&order, None).await.expect("insert");
     tx.commit().await.expect("commit");
     order
 }

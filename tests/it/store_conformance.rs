@@ -7,7 +7,7 @@ use chrono::{SubsecRound, Utc};
 use orders_service::{
     config::DatabaseSettings,
     domain::{LineItemDraft, ListQuery, NewOrder, Order, OrderDraft, OrderId, OrderStatus, PageToken},
-    store::{self, Store, StoreError},
+    store::{self, KeyBinding, Store, StoreError},
 };
 
 use crate::support::{Backend, fresh_postgres, settings};
@@ -48,7 +48,7 @@ fn order(note: Option<&str>) -> Order {
 
 async fn insert(store: &dyn Store, order: &Order) {
     let mut tx = store.begin().await.expect("begin");
-    tx.insert_order(order).await.expect("insert");
+    tx.insert_order(order, None).await.expect("insert");
     tx.commit().await.expect("commit");
 }
 
@@ -66,7 +66,7 @@ async fn uncommitted_writes_vanish(backend: Backend) {
     let (store, _dir) = store(backend).await;
     let order = order(None);
     let mut tx = store.begin().await.expect("begin");
-    tx.insert_order(&order).await.expect("insert");
+    tx.insert_order(&order, None).await.expect("insert");
     drop(tx);
     assert_eq!(store.get_order(order.id).await.expect("get"), None);
 }
@@ -115,8 +115,8 @@ async fn only_a_lapsed_idempotency_binding_is_released(backend: Backend) {
         let store = store.clone();
         async move {
             let mut tx = store.begin().await.expect("begin");
-            tx.insert_order(&order).await.expect("insert");
-            tx.bind_idempotency_key(order.id, "scoped-key", b"fingerprint", expires_at).await.expect("bind");
+            let binding = KeyBinding { key: "scoped-key", fingerprint: b"fingerprint", expires_at };
+            tx.insert_order(&order, Some(binding)).await.expect("insert bound");
             tx.commit().await.expect("commit");
             order
         }
@@ -136,7 +136,7 @@ async fn out_of_range_values_are_rejected_not_retried(backend: Backend) {
     let mut bad = order(None);
     bad.total_minor = -1; // violates the CHECK (total_minor >= 0) on both databases
     let mut tx = store.begin().await.expect("begin");
-    let refused = tx.insert_order(&bad).await.expect_err("check constraint");
+    let refused = tx.insert_order(&bad, None).await.expect_err("check constraint");
     assert!(matches!(refused, StoreError::Rejected(_)), "{refused:?}");
 }
 
