@@ -28,7 +28,8 @@ ENV GIT_COMMIT=${GIT_COMMIT}
 RUN cargo build --release --locked --bin orders-service \
  && install -D -m 0755 target/release/orders-service /out/orders-service
 
-# glibc, libgcc and CA certificates; zlib is linked statically (rdkafka's libz-static).
+# glibc, libgcc, libssl3 (rdkafka's TLS and SASL) and CA certificates; zlib is linked
+# statically (rdkafka's libz-static). The builder image has libssl-dev and pkg-config.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/orders-service /usr/local/bin/orders-service
 # 65532 is distroless's "nonroot"; numeric so runAsNonRoot can verify it.

@@ -33,6 +33,14 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# build_deps: the system packages a build of the service needs: Debian's OpenSSL for
+# rdkafka's ssl feature (TLS and SASL to Kafka), found through pkg-config.
+build_deps() {
+  command -v pkg-config >/dev/null && pkg-config --exists openssl && return 0
+  log "installing libssl-dev and pkg-config (rdkafka links Debian's OpenSSL)"
+  apt_install libssl-dev pkg-config
+}
+
 # wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND every 0.2 s until it succeeds.
 wait_for() {
   local seconds="$1" what="$2"; shift 2

