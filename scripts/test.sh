@@ -56,6 +56,9 @@ log "OpenAPI contract: redocly lint, schemathesis against the live service, the 
 log "Helm chart and Kubernetes manifests (lint, schemas, policy, rendering, chart vs binary)"
 "$ROOT/scripts/chart.sh"
 
+log "benchmark smoke: scripts/bench.sh with every orders-loadgen mode for 2 s (debug build; figures meaningless)"
+BENCH_SMOKE=1 "$ROOT/scripts/bench.sh"
+
 log "tests (unit; integration against PostgreSQL, SQLite, Redis and Kafka; pact consumer tests and provider verification)"
 cargo nextest run --locked --no-fail-fast
 
