@@ -16,6 +16,9 @@ done
 work="$(mktemp -d)"
 pid=""
 cleanup() {
+  local status=$?
+  # A failed check shows what the service said: the cause is usually in its log.
+  if [ "$status" -ne 0 ] && [ -f "$work/service.log" ]; then tail -n 40 "$work/service.log" >&2; fi
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" || true; fi
   rm -rf "$work"
 }
