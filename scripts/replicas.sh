@@ -16,5 +16,5 @@ export CHAOS_CYCLES="${1:-3}" CHAOS_LEDGER="$ROOT/docs/chaos-ledger.md"
 export TANSU_BIN="${TANSU_BIN:-$ORDERS_CACHE/tansu/bin/tansu}"
 cargo nextest run --locked --no-capture -E 'test(chaos_ledger)'
 printf '\nRecorded by scripts/replicas.sh %s at commit %s on %s (%s cores).\n' \
-  "$CHAOS_CYCLES" "$(git rev-parse --short HEAD)" "$(date -u +%Y-%m-%d)" "$(nproc)" >>"$CHAOS_LEDGER"
+  "$CHAOS_CYCLES" "$(git describe --always --dirty)" "$(date -u +%Y-%m-%d)" "$(nproc)" >>"$CHAOS_LEDGER"
 echo "ledger written to $CHAOS_LEDGER"

@@ -46,7 +46,7 @@ use crate::{
     inbox::event,
     kafka::{self, PrivateBroker, Tail, free_port},
     proxy::{ChaosProxy, Mode},
-    support::{eventually, valid_order},
+    support::{Reaped, eventually, until_listening, valid_order},
 };
 
 const REPLICAS: usize = 3;
@@ -131,7 +131,7 @@ impl Drop for Replica {
 /// there is to stop. Its own errors (no upstream reachable, an upstream that died mid-call)
 /// reach gRPC clients as `UNAVAILABLE` trailers, as a mesh answers, not as an HTML page.
 struct Nginx {
-    child: Child,
+    _process: Reaped,
     rest: u16,
     grpc: u16,
     _dir: tempfile::TempDir,
@@ -189,25 +189,14 @@ http {{
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("nginx ({bin}; scripts/tools.sh unpacks it): {e}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", rest)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, rest, grpc, _dir: dir }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        until_listening(rest, "nginx");
+        Self { _process: Reaped(child), rest, grpc, _dir: dir }
     }
 }
 
 /// A private Redis (nothing persisted); killed when dropped.
 struct Redis {
-    child: Child,
+    _process: Reaped,
     port: u16,
 }
 
@@ -219,23 +208,12 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, port }
+        until_listening(port, "redis-server");
+        Self { _process: Reaped(child), port }
     }
 
     fn flush_all(&self) {
         crate::cluster::run(Command::new("redis-cli").args(["-p", &self.port.to_string(), "FLUSHALL"]));
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -305,6 +305,26 @@ pub fn valid_order() -> Value {
     })
 }
 
+/// A server process of a test's own, killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves nothing running.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Blocks until something accepts TCP connections on 127.0.0.1:`port` (at most 10 s).
+pub fn until_listening(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls `condition` every 50 ms until it holds or `timeout` passes. For conditions that
 /// depend on another process or the network; never a fixed sleep.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)

@@ -16,7 +16,7 @@ use orders_service::app::App;
 use crate::{
     cluster::{PgCluster, run},
     kafka,
-    support::{self, valid_order},
+    support::{self, Reaped, valid_order},
 };
 
 /// A CA, and a server certificate it signed for `localhost` and 127.0.0.1.
@@ -105,7 +105,7 @@ async fn another_ca_fails_startup_with_a_clear_error() {
 /// A Redis that speaks only TLS, with a certificate from a CA made here; killed (by PID)
 /// when dropped.
 struct TlsRedis {
-    server: Child,
+    _server: Reaped,
     port: u16,
     ca: PathBuf,
     _dir: tempfile::TempDir,
@@ -130,19 +130,8 @@ impl TlsRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { server, port, ca, _dir: dir }
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        support::until_listening(port, "redis-server");
+        Self { _server: Reaped(server), port, ca, _dir: dir }
     }
 }
 
@@ -333,7 +322,7 @@ async fn sasl_mechanisms_are_built_in_and_their_password_is_never_printed() {
 /// Serves the files of `dir` over HTTPS (`openssl s_server -WWW`) on a free port; killed
 /// (by PID) when dropped.
 struct HttpsFiles {
-    server: Child,
+    _server: Reaped,
     port: u16,
 }
 
@@ -356,14 +345,7 @@ impl HttpsFiles {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await;
-        Self { server, port }
-    }
-}
-
-impl Drop for HttpsFiles {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        Self { _server: Reaped(server), port }
     }
 }
 
