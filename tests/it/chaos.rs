@@ -16,7 +16,9 @@
 //! errors only inside fault windows and all retryable, every poison message on the DLQ.
 //!
 //! `CHAOS_CYCLES` (default 1, about 90 s of load) repeats the fault cycle; `CHAOS_LEDGER`
-//! names a file the printed ledger is also written to (`scripts/replicas.sh` sets both).
+//! names a file the printed ledger is also written to (`scripts/replicas.sh` sets both);
+//! `CHAOS_KAFKA_PROPERTIES` and `CHAOS_LOG_LEVEL` pass librdkafka properties and a log
+//! filter to the replicas (`debug=cgrp` and `info,librdkafka=debug` show the group's state).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -547,6 +549,9 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
         ("APP_IDEMPOTENCY__LOCK_TTL_MS", LOCK_TTL.as_millis().to_string()),
         ("APP_HEALTH__CHECK_INTERVAL_MS", "1000".into()),
         ("APP_LOG_FORMAT", "json".into()),
+        // Extra librdkafka properties for diagnosis, e.g. `debug=cgrp`.
+        ("APP_KAFKA__PROPERTIES", std::env::var("CHAOS_KAFKA_PROPERTIES").unwrap_or_default()),
+        ("APP_LOG_LEVEL", std::env::var("CHAOS_LOG_LEVEL").unwrap_or_else(|_| "info".into())),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
