@@ -34,6 +34,7 @@ use std::{
 };
 
 use orders_service::{
+    backoff::Backoff,
     pb::orders::v1::{
         CancelOrderRequest, CreateOrderRequest, LineItem, order_service_client::OrderServiceClient,
     },
@@ -46,10 +47,10 @@ use tonic::{Code, transport::Channel};
 
 use crate::{
     cluster::PgCluster,
-    inbox::event,
+    inbox::{capture, event},
     kafka::{self, PrivateBroker, Tail, free_port},
     proxy::{ChaosProxy, Mode},
-    support::{Reaped, eventually, until_listening, valid_order},
+    support::{Reaped, cached_tool, eventually, sample, until_listening, valid_order},
 };
 
 const REPLICAS: usize = 3;
@@ -120,12 +121,7 @@ impl Replica {
     /// A counter or gauge from this replica's scrape, if it answers.
     async fn metric(&self, http: &reqwest::Client, name: &str) -> Option<i64> {
         let scrape = http.get(format!("http://127.0.0.1:{}/metrics", self.admin)).send().await.ok()?;
-        let text = scrape.text().await.ok()?;
-        let prefix = format!("{name} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as i64)
+        sample(&scrape.text().await.ok()?, name).map(|v| v as i64)
     }
 }
 
@@ -147,12 +143,7 @@ struct Nginx {
 
 impl Nginx {
     fn start(replicas: &[Replica]) -> Self {
-        let bin = std::env::var("NGINX_BIN").unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/orders-service/nginx/usr/sbin/nginx",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
+        let bin = cached_tool("NGINX_BIN", "nginx/usr/sbin/nginx");
         let dir = tempfile::tempdir().expect("tempdir");
         let (rest, grpc) = (free_port(), free_port());
         let servers = |port: fn(&Replica) -> u16| {
@@ -259,35 +250,32 @@ impl Clients {
         self.attempts.lock().expect("attempts").push(Attempt { at, error });
     }
 
-    /// Runs `call` until it succeeds, a non-retryable failure, or [`GIVE_UP`]; every
-    /// attempt is recorded. `Ok(None)`: a retried cancel found the order already cancelled.
-    async fn until_done<T, F, Fut>(&self, mut call: F) -> Result<Option<T>, String>
+    /// Runs `call(attempt)` until it succeeds, fails for good, or [`GIVE_UP`] passes,
+    /// waiting between attempts as the service's own retries do (full jitter, doubling);
+    /// every attempt is recorded.
+    async fn until_done<T, F, Fut>(&self, mut call: F) -> Result<T, String>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600)).expect("backoff");
         let deadline = Instant::now() + GIVE_UP;
-        for attempt in 1u32.. {
-            match call().await {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let failure = match call(attempt).await {
                 Ok(value) => {
                     self.record(None);
-                    return Ok(Some(value));
+                    return Ok(value);
                 }
-                Err(failure) if failure.invalid_state && attempt > 1 => {
-                    self.record(None);
-                    return Ok(None);
-                }
-                Err(failure) => {
-                    self.record(Some(&failure));
-                    if !failure.retryable || Instant::now() >= deadline {
-                        return Err(failure.status);
-                    }
-                }
+                Err(failure) => failure,
+            };
+            self.record(Some(&failure));
+            if !failure.retryable || Instant::now() >= deadline {
+                return Err(failure.status);
             }
-            let ceiling = 100u64 << attempt.min(4);
-            tokio::time::sleep(Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))).await;
+            tokio::time::sleep(backoff.delay(attempt)).await;
         }
-        unreachable!()
     }
 
     async fn rest_failure(response: reqwest::Response) -> Failure {
@@ -327,7 +315,7 @@ impl Clients {
     /// Creates an order under `key`; returns its id and total.
     async fn create(&self, grpc: bool, key: &str) -> Result<(String, i64), String> {
         let created = self
-            .until_done(|| async move {
+            .until_done(|_| async move {
                 if grpc {
                     let mut request = tonic::Request::new(CreateOrderRequest {
                         customer_id: "chaos".into(),
@@ -360,8 +348,7 @@ impl Clients {
                     ))
                 }
             })
-            .await?
-            .expect("a create is never 'already applied'");
+            .await?;
         self.keys.lock().expect("keys").entry(key.to_owned()).or_default().insert(created.0.clone());
         Ok(created)
     }
@@ -370,12 +357,19 @@ impl Clients {
     async fn cancel(&self, grpc: bool, id: &str) -> Result<(), String> {
         let key = format!("cancel-{id}");
         let key = key.as_str();
-        self.until_done(|| async move {
+        self.until_done(|attempt| async move {
+            let applied_before = |failure: Failure| match failure {
+                // A retry that finds the order cancelled: an earlier attempt applied it.
+                Failure { invalid_state: true, .. } if attempt > 1 => Ok(()),
+                failure => Err(failure),
+            };
             if grpc {
                 let mut request = tonic::Request::new(CancelOrderRequest { id: id.to_owned() });
                 request.metadata_mut().insert("idempotency-key", key.parse().expect("ascii key"));
                 request.set_timeout(Duration::from_secs(8));
-                self.grpc.clone().cancel_order(request).await.map_err(|s| Self::grpc_failure(&s))?;
+                if let Err(status) = self.grpc.clone().cancel_order(request).await {
+                    return applied_before(Self::grpc_failure(&status));
+                }
             } else {
                 let response = self
                     .http
@@ -385,7 +379,7 @@ impl Clients {
                     .await
                     .map_err(|e| Self::transport_failure(&e))?;
                 if !response.status().is_success() {
-                    return Err(Self::rest_failure(response).await);
+                    return applied_before(Self::rest_failure(response).await);
                 }
             }
             Ok(())
@@ -448,12 +442,9 @@ async fn payments(
     while let Some((order, total)) = orders.recv().await {
         n += 1;
         let id = format!("pay-{order}");
-        let data =
-            json!({"paymentId": id, "orderId": order, "amountMinor": total.to_string(), "currency": "EUR"});
-        let capture = || event(&topic, "payments.events.v1.PaymentCaptured", &id, &order, data.clone());
-        let mut batch = vec![capture()];
+        let mut batch = vec![capture(&topic, &id, &order, total, "EUR")];
         if n.is_multiple_of(4) {
-            batch.push(capture());
+            batch.push(batch[0].clone());
             published.duplicates += 1;
         }
         if n.is_multiple_of(10) {
@@ -481,7 +472,7 @@ async fn payments(
             if round.is_multiple_of(3) {
                 publisher.recover().await.expect("a fresh producer");
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Backoff::DEFAULT.delay(round)).await;
         }
         published.payments.insert(id, order);
     }
@@ -723,17 +714,17 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
     let tail = Tail::start(&brokers, &events);
     let short_type =
         |r: &kafka::Record| r.headers["ce_type"].rsplit('.').next().unwrap_or_default().to_owned();
-    let mut records = Vec::new();
+    let distinct =
+        |records: &[kafka::Record]| records.iter().map(|r| &r.headers["ce_id"]).collect::<HashSet<_>>().len();
     for _ in 0..600 {
-        records = tail.records();
-        let distinct: HashSet<&str> = records.iter().map(|r| r.headers["ce_id"].as_str()).collect();
-        if distinct.len() >= expected_events {
+        // Fewer records than expected events cannot hold them all: no need to copy them yet.
+        if tail.len() >= expected_events && distinct(&tail.records()) >= expected_events {
             tokio::time::sleep(Duration::from_secs(1)).await; // late duplicates, if any
-            records = tail.records();
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let records = tail.records();
     drop(tail); // before the broker goes: its reader would report the broker gone
     let dlq = kafka::read(
         &brokers,

@@ -222,13 +222,8 @@ async fn behind_a_connection_balancing_service_an_aged_connection_moves_calls_to
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let served = |metrics: String| {
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("grpc_requests_total{code=\"0\",method=\"/orders.v1.OrderService/GetOrder\"}")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
+        let series = "grpc_requests_total{code=\"0\",method=\"/orders.v1.OrderService/GetOrder\"}";
+        crate::support::sample(&metrics, series).map_or(0, |v| v as u64)
     };
     let (on_a, on_b) = (served(a.metrics().await), served(b.metrics().await));
     eprintln!(

@@ -114,9 +114,14 @@ pub fn event(topic: &str, ce_type: &str, id: &str, key: &str, data: serde_json::
 }
 
 pub fn payment_captured(topic: &str, id: &str, order: &Order) -> OutboundMessage {
-    let data = json!({"paymentId": format!("pay-{id}"), "orderId": order.id.to_string(),
-                      "amountMinor": order.total_minor.to_string(), "currency": order.currency.as_str()});
-    event(topic, "payments.events.v1.PaymentCaptured", id, &order.id.to_string(), data)
+    capture(topic, id, &order.id.to_string(), order.total_minor, order.currency.as_str())
+}
+
+/// `PaymentCaptured` (event id `id`, payment `pay-<id>`) of `amount_minor` for `order_id`.
+pub fn capture(topic: &str, id: &str, order_id: &str, amount_minor: i64, currency: &str) -> OutboundMessage {
+    let data = json!({"paymentId": format!("pay-{id}"), "orderId": order_id,
+                      "amountMinor": amount_minor.to_string(), "currency": currency});
+    event(topic, "payments.events.v1.PaymentCaptured", id, order_id, data)
 }
 
 pub async fn produce(messages: Vec<OutboundMessage>) {

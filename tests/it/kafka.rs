@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -148,6 +148,11 @@ impl Tail {
         tail
     }
 
+    /// How many records were collected so far.
+    pub fn len(&self) -> usize {
+        self.records.lock().expect("records").len()
+    }
+
     /// Every record collected so far.
     pub fn records(&self) -> Vec<Record> {
         self.records.lock().expect("records").clone()
@@ -167,7 +172,7 @@ impl Drop for Tail {
 
 /// A private tansu broker on its own port, stopped (by PID) when dropped.
 pub struct PrivateBroker {
-    child: Child,
+    _process: crate::support::Reaped,
     /// `127.0.0.1:<port>`.
     pub addr: String,
 }
@@ -182,9 +187,7 @@ impl PrivateBroker {
     /// front of it), so every client connection passes the proxy.
     pub async fn start_advertising(port: u16, advertised: u16) -> Self {
         // scripts/kafka.sh installs it there; TANSU_BIN overrides.
-        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
-            format!("{}/.cache/orders-service/tansu/bin/tansu", std::env::var("HOME").unwrap_or_default())
-        });
+        let bin = crate::support::cached_tool("TANSU_BIN", "tansu/bin/tansu");
         let (url, public) = (format!("tcp://127.0.0.1:{port}"), format!("tcp://127.0.0.1:{advertised}"));
         let child = Command::new(bin)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &public])
@@ -200,22 +203,14 @@ impl PrivateBroker {
             async move { tokio::net::TcpStream::connect(&addr).await.is_ok() }
         })
         .await;
-        Self { child, addr }
+        Self { _process: crate::support::Reaped(child), addr }
     }
 }
 
 impl PrivateBroker {
     /// `kill -9`: the broker dies with whatever it held (memory storage), no goodbye.
-    pub fn kill(mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill(self) {
+        drop(self); // SIGKILL, then reaped
     }
 }
 

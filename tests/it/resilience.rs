@@ -22,14 +22,9 @@ use crate::{
     outbox::{Instrumented, Pipeline, relay_settings},
     proxy::{ChaosProxy, Mode},
     support::{
-        Backend, TestApp, eventually, problem, until_blocked_on_lock, until_lock_waiters, valid_order,
+        Backend, TestApp, eventually, problem, sample, until_blocked_on_lock, until_lock_waiters, valid_order,
     },
 };
-
-/// The value of an unlabelled-by-anything-else sample in the metrics text.
-fn sample(metrics: &str, line_start: &str) -> Option<f64> {
-    metrics.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 async fn breaker_state(app: &TestApp, dependency: &str) -> Option<f64> {
     sample(&app.metrics().await, &format!("resilience_breaker_state{{dependency=\"{dependency}\"}}"))

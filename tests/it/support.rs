@@ -305,6 +305,19 @@ pub fn valid_order() -> Value {
     })
 }
 
+/// The value of one series (`name` or `name{labels}`, exactly as rendered) in a scrape.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A tool the scripts install under `~/.cache/orders-service` (`relative` inside it), or
+/// where the environment variable `var` says.
+pub fn cached_tool(var: &str, relative: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        format!("{}/.cache/orders-service/{relative}", std::env::var("HOME").unwrap_or_default())
+    })
+}
+
 /// A server process of a test's own, killed (SIGKILL) and reaped when dropped, so a failing
 /// test leaves nothing running.
 pub struct Reaped(pub std::process::Child);

@@ -7,7 +7,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Command,
     time::Duration,
 };
 
@@ -137,9 +137,9 @@ impl TlsRedis {
 
 /// `redis_call_duration_seconds_count` for one operation and outcome, from a scrape.
 fn redis_calls(scrape: &str, outcome: &str) -> u64 {
-    let prefix =
-        format!("redis_call_duration_seconds_count{{operation=\"SET NX GET\",outcome=\"{outcome}\"}} ");
-    scrape.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().expect("count"))
+    let series =
+        format!("redis_call_duration_seconds_count{{operation=\"SET NX GET\",outcome=\"{outcome}\"}}");
+    support::sample(scrape, &series).map_or(0, |v| v as u64)
 }
 
 #[tokio::test]
@@ -171,7 +171,7 @@ async fn rediss_with_the_private_ca_carries_the_idempotency_keys_and_another_ca_
 /// the terminator's port, so bootstrap and every later connection to the partition leader
 /// are TLS. Both are stopped (by PID) when dropped.
 struct TlsBroker {
-    terminator: Child,
+    _terminator: Reaped,
     _broker: kafka::PrivateBroker,
     /// `127.0.0.1:<TLS port>`.
     addr: String,
@@ -203,19 +203,12 @@ impl TlsBroker {
             async move { tokio::net::TcpStream::connect(&addr).await.is_ok() }
         })
         .await;
-        Self { terminator, _broker: broker, addr, ca, _dir: dir }
+        Self { _terminator: Reaped(terminator), _broker: broker, addr, ca, _dir: dir }
     }
 
     /// librdkafka settings for TLS with `ca`.
     fn properties(ca: &Path) -> Vec<(String, String)> {
         vec![("security.protocol".into(), "ssl".into()), ("ssl.ca.location".into(), ca.display().to_string())]
-    }
-}
-
-impl Drop for TlsBroker {
-    fn drop(&mut self) {
-        let _ = self.terminator.kill();
-        let _ = self.terminator.wait();
     }
 }
 
