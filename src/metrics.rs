@@ -78,6 +78,10 @@ pub struct Metrics {
     pub inbox_dispatch_failures: IntCounterVec,
     /// Consumer lag per partition (messages behind the high watermark).
     pub inbox_consumer_lag: IntGaugeVec,
+    /// Partitions paused for back-pressure (their worker is behind).
+    pub inbox_partitions_paused: IntGauge,
+    /// Dead-letter producers rebuilt, by reason (fatal error, or unresponsive).
+    pub inbox_dlq_producer_rebuilds: IntCounterVec,
     /// Idempotency-Key outcomes.
     pub idempotency_outcomes: IntCounterVec,
     /// Circuit breaker state per dependency.
@@ -232,6 +236,17 @@ impl Metrics {
             &["topic", "partition"],
         )?;
         registry.register(Box::new(inbox_consumer_lag.clone()))?;
+        let inbox_partitions_paused = IntGauge::new(
+            "inbox_partitions_paused",
+            "Inbound partitions paused because their worker is behind",
+        )?;
+        registry.register(Box::new(inbox_partitions_paused.clone()))?;
+        let inbox_dlq_producer_rebuilds = counters(
+            &registry,
+            "inbox_dlq_producer_rebuilds_total",
+            "Producers rebuilt by the inbox's dead-letter path (fatal error, or unresponsive)",
+            &["reason"],
+        )?;
         let idempotency_outcomes = IntCounterVec::new(
             Opts::new("idempotency_outcomes_total", "Idempotency-Key outcomes"),
             &["outcome"],
@@ -350,6 +365,8 @@ impl Metrics {
             inbox_retries,
             inbox_dispatch_failures,
             inbox_consumer_lag,
+            inbox_partitions_paused,
+            inbox_dlq_producer_rebuilds,
             idempotency_outcomes,
         }))
     }

@@ -7,13 +7,15 @@
 //! The poll loop never waits on a worker: a partition whose worker falls
 //! [`PAUSE_AT`] messages behind is paused (librdkafka stops fetching it) and resumed once
 //! the worker is down to [`RESUME_AT`], so one stuck partition never stalls the others nor
-//! trips `max.poll.interval.ms`. When a rebalance revokes partitions, their workers are
+//! trips `max.poll.interval.ms`. librdkafka keeps that pause across a revoke, and a paused
+//! partition never delivers the message that would start (and resume) its next worker, so
+//! every assignment resumes what it assigns. When a rebalance revokes partitions, their workers are
 //! told to stop before the revoke completes: queued messages are dropped (the next owner
 //! reads them from the committed offset), an in-flight one finishes, and the inbox table
 //! turns any overlap with the next owner into a counted duplicate.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -46,6 +48,14 @@ pub struct InboxContext {
     metrics: Arc<Metrics>,
     /// Stop tokens of the running workers, so a revoke can stop them synchronously.
     workers: Mutex<HashMap<PartitionKey, CancellationToken>>,
+    /// Partitions this consumer paused; the lock also serializes pause and resume.
+    paused: Mutex<HashSet<PartitionKey>>,
+}
+
+impl InboxContext {
+    fn paused(&self) -> std::sync::MutexGuard<'_, HashSet<PartitionKey>> {
+        self.paused.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl ClientContext for InboxContext {
@@ -80,12 +90,26 @@ impl ConsumerContext for InboxContext {
                 stop.cancel();
             }
             let _ = self.metrics.inbox_consumer_lag.remove_label_values(&[&key.0, &key.1.to_string()]);
+            self.paused().remove(&key);
         }
+        self.metrics.inbox_partitions_paused.set(self.paused().len() as i64);
         if revoked.count() > 0 {
             tracing::info!(
                 partitions = revoked.count(),
                 "inbox: partitions revoked; their queued work is dropped"
             );
+        }
+    }
+
+    /// Resumes every assigned partition: one paused before a revoke (here or, earlier, by
+    /// this consumer before it moved away) would otherwise stay paused for good.
+    fn post_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(assigned) = rebalance else { return };
+        if assigned.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.resume(assigned) {
+            tracing::warn!(error = %e, "inbox: could not resume the assigned partitions");
         }
     }
 }
@@ -102,8 +126,6 @@ struct WorkerHandle {
     queue: mpsc::UnboundedSender<InboundMessage>,
     /// Messages handed to the worker and not finished yet.
     queued: Arc<AtomicUsize>,
-    /// Whether the partition is paused; also serializes pause and resume.
-    paused: Arc<Mutex<bool>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -111,7 +133,11 @@ struct WorkerHandle {
 impl KafkaInbox {
     /// Creates the group consumer (it joins on [`KafkaInbox::run`]).
     pub fn new(settings: &KafkaSettings, inbox: Arc<Inbox>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let context = InboxContext { metrics: metrics.clone(), workers: Mutex::new(HashMap::new()) };
+        let context = InboxContext {
+            metrics: metrics.clone(),
+            workers: Mutex::new(HashMap::new()),
+            paused: Mutex::new(HashSet::new()),
+        };
         let consumer: StreamConsumer<InboxContext> = settings
             .client_config()
             .set("group.id", &inbox.settings().group_id)
@@ -185,10 +211,7 @@ impl KafkaInbox {
             }
             let queued = worker.queued.fetch_add(1, Ordering::AcqRel) + 1;
             if queued >= PAUSE_AT {
-                let mut paused = worker.paused.lock().unwrap_or_else(|p| p.into_inner());
-                if !*paused && self.set_paused(&key, true) {
-                    *paused = true;
-                }
+                set_paused(&self.consumer, &key, true);
             }
         }
         let handles: Vec<JoinHandle<()>> = workers.into_values().map(|w| w.task).collect();
@@ -221,39 +244,45 @@ impl KafkaInbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), worker_stop.clone());
-        let (queued, paused) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(false)));
-        // A partition assigned again may still carry an earlier pause.
-        self.set_paused(key, false);
+        let queued = Arc::new(AtomicUsize::new(0));
+        // A partition assigned again may still carry an earlier worker's pause.
+        set_paused(&self.consumer, key, false);
         let worker = Worker {
             consumer: self.consumer.clone(),
             inbox: self.inbox.clone(),
             permits: permits.clone(),
             stop: worker_stop.clone(),
             queued: queued.clone(),
-            paused: paused.clone(),
             key: key.clone(),
         };
         let task = tokio::spawn(worker.run(messages, predecessor));
-        WorkerHandle { queue, queued, paused, stop: worker_stop, task }
-    }
-
-    fn set_paused(&self, key: &PartitionKey, pause: bool) -> bool {
-        set_paused(&self.consumer, key, pause)
+        WorkerHandle { queue, queued, stop: worker_stop, task }
     }
 }
 
-/// Pauses or resumes fetching one partition; `false` if librdkafka refused (e.g. revoked).
-fn set_paused(consumer: &StreamConsumer<InboxContext>, key: &PartitionKey, pause: bool) -> bool {
+/// Pauses or resumes fetching one partition unless it already is (paused or not);
+/// librdkafka may refuse, e.g. for a partition revoked meanwhile.
+fn set_paused(consumer: &StreamConsumer<InboxContext>, key: &PartitionKey, pause: bool) {
+    let context = consumer.context();
+    let mut paused = context.paused();
+    if paused.contains(key) == pause {
+        return;
+    }
     let mut partitions = TopicPartitionList::new();
     partitions.add_partition(&key.0, key.1);
     let result = if pause { consumer.pause(&partitions) } else { consumer.resume(&partitions) };
     match result {
-        Ok(()) => true,
+        Ok(()) if pause => {
+            paused.insert(key.clone());
+        }
+        Ok(()) => {
+            paused.remove(key);
+        }
         Err(e) => {
             tracing::debug!(error = %e, topic = %key.0, partition = key.1, pause, "inbox: pause/resume refused");
-            false
         }
     }
+    context.metrics.inbox_partitions_paused.set(paused.len() as i64);
 }
 
 /// Processes one partition's messages in order.
@@ -264,7 +293,6 @@ struct Worker {
     /// Cancelled by a revoke of this partition or by shutdown.
     stop: CancellationToken,
     queued: Arc<AtomicUsize>,
-    paused: Arc<Mutex<bool>>,
     key: PartitionKey,
 }
 
@@ -293,10 +321,7 @@ impl Worker {
             }
             let queued = self.queued.fetch_sub(1, Ordering::AcqRel) - 1;
             if queued <= RESUME_AT {
-                let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-                if *paused && set_paused(&self.consumer, &self.key, false) {
-                    *paused = false;
-                }
+                set_paused(&self.consumer, &self.key, false);
             }
         }
     }

@@ -13,7 +13,8 @@
 //! - Poison messages (undecodable, unknown type, invalid, control characters, data the
 //!   database rejects, a panicking handler) go to `<topic>.dlq` with headers naming the
 //!   error and the source position, are recorded in `inbox_rejection`, and the stream
-//!   continues.
+//!   continues. A failed dead-letter publish is retried (the offset stays put); a fatal or
+//!   fenced producer, or one that failed three times in a row, is rebuilt first.
 //! - Messages that are valid but not applicable (a payment for an order in another state or
 //!   for another amount) are recorded as rejected, visible to operators, and not retried.
 //!
@@ -34,9 +35,14 @@ use crate::{
     backoff::Backoff,
     metrics::Metrics,
     outbox::Wakeup,
-    publish::{OutboundMessage, Publisher},
+    publish::{OutboundMessage, PublishError, Publisher},
     store::{Store, StoreError},
 };
+
+/// Failed dead-letter publishes in a row after which the producer is rebuilt even without a
+/// fatal error: one stuck on state the broker no longer has (producer id, epochs) fails
+/// every retry, and the partition behind the poison message waits. The relay does the same.
+const DLQ_FAILURES_BEFORE_REBUILD: u32 = 3;
 
 /// The customer read model kept from `customers.events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,7 +240,7 @@ impl Inbox {
 
     async fn process_traced(self: &Arc<Self>, message: &InboundMessage, stop: &CancellationToken) -> bool {
         let started = std::time::Instant::now();
-        let (mut attempt, mut aborted) = (0u32, 0u32);
+        let (mut attempt, mut aborted, mut dlq_failures) = (0u32, 0u32, 0u32);
         let result = loop {
             let poison = match self.handle_isolated(message).await {
                 Ok(outcome) => break outcome.label(),
@@ -255,7 +261,17 @@ impl Inbox {
             if let Some(reason) = poison {
                 match self.dead_letter(message, &reason).await {
                     Ok(()) => break "dead_lettered",
-                    Err(e) => tracing::warn!(error = format!("{e:#}"), "could not dead-letter; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "could not dead-letter; retrying");
+                        if let Some(failure) = e.downcast_ref::<PublishError>() {
+                            dlq_failures += 1;
+                            if matches!(failure, PublishError::Fatal(_)) {
+                                self.rebuild_dlq_producer("fatal").await;
+                            } else if dlq_failures % DLQ_FAILURES_BEFORE_REBUILD == 0 {
+                                self.rebuild_dlq_producer("unresponsive").await;
+                            }
+                        }
+                    }
                 }
             }
             attempt += 1;
@@ -273,6 +289,16 @@ impl Inbox {
             .with_label_values(&[&message.topic])
             .observe(started.elapsed().as_secs_f64());
         true
+    }
+
+    /// Replaces the dead-letter producer ([`Publisher::recover`]); a failure is logged and
+    /// the next attempt tries again.
+    async fn rebuild_dlq_producer(&self, reason: &'static str) {
+        tracing::warn!(reason, "inbox: rebuilding the dead-letter producer");
+        self.metrics.inbox_dlq_producer_rebuilds.with_label_values(&[reason]).inc();
+        if let Err(e) = self.dlq.recover().await {
+            tracing::error!(error = format!("{e:#}"), "inbox: could not rebuild the dead-letter producer");
+        }
     }
 
     /// [`Inbox::handle`] in a task of its own, so a panic becomes a poison verdict for this
@@ -314,7 +340,7 @@ impl Inbox {
             headers,
         };
         if let Some(Err(e)) = self.dlq.publish(vec![dlq]).await.into_iter().next() {
-            anyhow::bail!("publishing to the DLQ: {e}");
+            return Err(anyhow::Error::new(e).context("publishing to the DLQ"));
         }
         let rejection = Rejection {
             consumer: self.consumer_name(&message.topic),

@@ -215,9 +215,20 @@ impl KafkaPublisher {
     }
 }
 
-/// Errors that no retry can fix: the record itself is unacceptable.
+/// Sorts a delivery failure by what can fix it: the record itself is unacceptable
+/// (permanent), only a new producer helps (fatal: librdkafka's fatal state, or a producer id
+/// the broker has fenced, which every retry of the same producer repeats), or time may.
 fn classify(err: &KafkaError) -> PublishError {
-    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+    let fatal = matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    );
+    if fatal {
         return PublishError::Fatal(err.to_string());
     }
     let permanent = matches!(
@@ -292,5 +303,29 @@ impl Publisher for KafkaPublisher {
         // Dropping a producer purges its queue; do it off the async threads.
         tokio::task::spawn_blocking(move || drop(old)).await.context("dropping the failed producer")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fenced_producer_is_fatal_not_retriable() {
+        // tansu answered an idempotent producer ProducerFenced for 95 s after an outage:
+        // retrying the same producer never helps, a rebuilt one does.
+        for code in [
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::Fenced,
+            RDKafkaErrorCode::Fatal,
+        ] {
+            let classified = classify(&KafkaError::MessageProduction(code));
+            assert!(matches!(classified, PublishError::Fatal(_)), "{code:?}: {classified:?}");
+        }
+        let too_large = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
+        assert!(matches!(too_large, PublishError::Permanent(_)));
+        let timeout = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut));
+        assert!(matches!(timeout, PublishError::Retriable(_)));
     }
 }

@@ -74,8 +74,18 @@ pub fn inbox_counted_by(
     settings: InboxSettings,
     metrics: Arc<orders_service::metrics::Metrics>,
 ) -> Arc<Inbox> {
+    inbox_dead_lettering_to(pipeline, store, settings, metrics, Arc::new(kafka::publisher()))
+}
+
+/// An inbox whose poison messages go to `dlq`.
+pub fn inbox_dead_lettering_to(
+    pipeline: &Pipeline,
+    store: Arc<dyn Store>,
+    settings: InboxSettings,
+    metrics: Arc<orders_service::metrics::Metrics>,
+    dlq: Arc<dyn Publisher>,
+) -> Arc<Inbox> {
     let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500)).expect("backoff");
-    let dlq: Arc<dyn Publisher> = Arc::new(kafka::publisher());
     Inbox::new(store, pipeline.wakeup(), PARTITIONS, dlq, metrics, backoff, settings)
 }
 
@@ -122,6 +132,18 @@ pub fn capture(topic: &str, id: &str, order_id: &str, amount_minor: i64, currenc
     let data = json!({"paymentId": format!("pay-{id}"), "orderId": order_id,
                       "amountMinor": amount_minor.to_string(), "currency": currency});
     event(topic, "payments.events.v1.PaymentCaptured", id, order_id, data)
+}
+
+/// `message` as the inbox receives it at `offset` of partition 0.
+pub fn inbound(message: &OutboundMessage, offset: i64) -> InboundMessage {
+    InboundMessage {
+        topic: message.topic.clone(),
+        partition: 0,
+        offset,
+        key: Some(message.key.clone().into_bytes()),
+        headers: message.headers.clone(),
+        payload: message.payload.clone(),
+    }
 }
 
 pub async fn produce(messages: Vec<OutboundMessage>) {
@@ -190,14 +212,7 @@ async fn a_crash_after_commit_before_the_offset_commit_is_a_counted_duplicate() 
     let inbox = inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600));
     let message = payment_captured(&topics.payments, "crash", &order);
     // The previous consumer applied it and died before storing the offset…
-    let inbound = InboundMessage {
-        topic: message.topic.clone(),
-        partition: 0,
-        offset: 0,
-        key: Some(message.key.clone().into_bytes()),
-        headers: message.headers.clone(),
-        payload: message.payload.clone(),
-    };
+    let inbound = inbound(&message, 0);
     assert_eq!(inbox.handle(&inbound).await.expect("handled"), Outcome::Applied);
     // …so the broker redelivers it to the group.
     produce(vec![message]).await;
@@ -410,14 +425,7 @@ async fn retention_purges_old_inbox_rows_in_bounded_batches() {
             "c",
             json!({"customerId": format!("c{i}"), "displayName": "C", "version": "1"}),
         );
-        let inbound = InboundMessage {
-            topic: message.topic,
-            partition: 0,
-            offset: i,
-            key: None,
-            headers: message.headers,
-            payload: message.payload,
-        };
+        let inbound = inbound(&message, i);
         assert_eq!(inbox.handle(&inbound).await.expect("handled"), Outcome::Applied);
     }
     tokio::time::sleep(Duration::from_millis(5)).await; // older than the 1 ms horizon

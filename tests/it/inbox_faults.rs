@@ -1,24 +1,37 @@
 //! The inbox under the faults production has: control characters and data PostgreSQL
-//! rejects, a message that keeps aborting, one partition stuck behind a row lock while the
-//! others must flow, and a second consumer joining the group mid-stream.
+//! rejects, a message that keeps aborting, a dead-letter producer in librdkafka's fatal
+//! state, one partition stuck behind a row lock while the others must flow (and revoked and
+//! reassigned while paused), and a second consumer joining the group mid-stream.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use orders_service::{
     domain::{Order, OrderStatus},
+    inbox::InboxSettings,
     metrics::Metrics,
-    publish::OutboundMessage,
+    publish::{KafkaPublisher, OutboundMessage, Publisher},
     store::{self, Store, StoreError},
 };
 use rdkafka::{
     ClientConfig,
+    consumer::{BaseConsumer, Consumer},
     message::{Header, OwnedHeaders},
+    mocking::MockCluster,
     producer::{FutureProducer, FutureRecord},
+    types::{RDKafkaApiKey, RDKafkaRespErr},
 };
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    inbox::{Topics, consume, count, event, inbox, inbox_counted_by, inbox_with, payment_captured},
+    inbox::{
+        Topics, consume, count, event, inbound, inbox, inbox_counted_by, inbox_dead_lettering_to, inbox_with,
+        payment_captured,
+    },
     kafka,
     outbox::Pipeline,
     support::{self, Backend, eventually},
@@ -156,6 +169,112 @@ async fn a_message_that_keeps_aborting_is_dead_lettered_after_max_attempts() {
     let reasons: Vec<String> =
         pipeline.store.list_rejections(10).await.expect("list").into_iter().map(|r| r.reason).collect();
     assert!(reasons.iter().any(|r| r.contains("gave up after 3 aborted attempts")), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn a_fatal_dead_letter_producer_is_rebuilt_and_the_poison_message_still_goes_to_the_dlq() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = "payments.events.fatal";
+    let dlq_topic = format!("{topic}.dlq");
+    mock.create_topic(&dlq_topic, kafka::TOPIC_PARTITIONS, 1).expect("topic");
+    let mut producer = kafka::settings(&mock.bootstrap_servers());
+    producer.message_timeout = Duration::from_secs(5);
+    let dlq: Arc<dyn Publisher> = Arc::new(KafkaPublisher::new(&producer).expect("producer"));
+    let settings = InboxSettings {
+        group_id: "fatal-dlq".into(),
+        payments_topic: topic.into(),
+        customers_topic: "customers.events.fatal".into(),
+        retention: Duration::from_secs(3600),
+        max_parallel_partitions: 1,
+        max_attempts: 5,
+    };
+    let inbox =
+        inbox_dead_lettering_to(&pipeline, pipeline.store.clone(), settings, pipeline.metrics.clone(), dlq);
+    let poison = event(topic, "payments.events.v1.PaymentCaptured", "poison-1", "k", json!({"orderId": 7}));
+    // A sequence desynchronisation on the first produce: librdkafka's fatal state, in which
+    // the same producer fails every later message too.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    let done = tokio::time::timeout(
+        Duration::from_secs(30),
+        inbox.process(&inbound(&poison, 3), &CancellationToken::new()),
+    )
+    .await
+    .expect("dead-lettered despite the fatal producer");
+    assert!(done, "processed, so the offset may move on");
+    let rebuilds = |reason| pipeline.metrics.inbox_dlq_producer_rebuilds.with_label_values(&[reason]).get();
+    assert_eq!((rebuilds("fatal"), rebuilds("unresponsive")), (1, 0));
+    assert_eq!(count(&pipeline, topic, "dead_lettered"), 1);
+    let on_dlq = kafka::read(&mock.bootstrap_servers(), &dlq_topic, 1, Duration::from_secs(20)).await;
+    assert_eq!(on_dlq.len(), 1);
+    assert_eq!(on_dlq[0].headers["dlq_source_offset"], "3");
+}
+
+/// Joins `group` with a plain consumer of `topic`, waits until the group handed it
+/// partitions (every member's partitions were revoked and reassigned), then leaves (the
+/// group rebalances again). Returns how many partitions it held.
+async fn join_and_leave(group: &str, topic: &str) -> usize {
+    let (group, topic) = (group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka::brokers())
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let _ = consumer.poll(Duration::from_millis(100));
+            let held = consumer.assignment().expect("assignment").count();
+            if held > 0 {
+                return held; // dropping the consumer leaves the group
+            }
+        }
+        panic!("the group never assigned the second consumer a partition");
+    })
+    .await
+    .expect("second consumer")
+}
+
+#[tokio::test]
+async fn a_partition_paused_when_revoked_is_resumed_when_assigned_again() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let locked = pipeline.create(1).await;
+    let mut behind = Vec::new();
+    for _ in 0..100 {
+        behind.push(pipeline.create(1).await);
+    }
+    let lock = support::lock_order(&pipeline.url, &locked.id.to_string()).await;
+    let mut messages = vec![payment_captured(&topics.payments, "locked", &locked)];
+    messages.extend(
+        behind.iter().enumerate().map(|(i, o)| payment_captured(&topics.payments, &format!("b{i}"), o)),
+    );
+    produce_to(0, messages).await;
+    let store = impatient_store(&pipeline, "500").await;
+    let mut settings = topics.settings(Duration::from_secs(3600));
+    settings.max_attempts = 1000;
+    let stop = consume(inbox_with(&pipeline, store, settings), pipeline.metrics.clone());
+    let paused = || pipeline.metrics.inbox_partitions_paused.get();
+    eventually(Duration::from_secs(20), "partition 0 paused behind its stuck head", || async {
+        paused() == 1
+    })
+    .await;
+    // A second member joins (every partition is revoked while partition 0 is paused and
+    // reassigned), then leaves (reassigned again).
+    assert!(join_and_leave(&topics.group, &topics.payments).await > 0);
+    drop(lock);
+    eventually(Duration::from_secs(60), "partition 0 to catch up after the rebalances", || async {
+        status(&pipeline.store, &behind[99]).await == OrderStatus::Paid
+    })
+    .await;
+    stop.cancel();
+    assert_eq!(status(&pipeline.store, &locked).await, OrderStatus::Paid);
+    assert_eq!(paused(), 0, "nothing left paused");
 }
 
 #[tokio::test]

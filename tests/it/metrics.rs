@@ -23,6 +23,7 @@ const ONLY_ON_FAULTS: &[&str] = &[
     "outbox_producer_rebuilds_total",
     "inbox_retries_total",
     "inbox_dispatch_failures_total",
+    "inbox_dlq_producer_rebuilds_total",
     "inbox_consumer_lag",
     "resilience_breaker_transitions_total",
     "resilience_calls_refused_total",
