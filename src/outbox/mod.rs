@@ -182,6 +182,10 @@ pub struct Membership {
     pub live_relays: usize,
     /// How many partitions this relay should hold; fewer means others still have to let go.
     pub fair_share: usize,
+    /// Time until the earliest membership of another live relay expires. A live relay renews
+    /// long before; a dead one's partitions are free from then on, so renewing right after
+    /// it moves them within moments instead of up to a third of the lease later.
+    pub next_expiry: Option<Duration>,
 }
 
 /// How one published row is settled after a pass.

@@ -37,6 +37,9 @@ use crate::{
 
 /// Consecutive passes without any acknowledgement after which the producer is rebuilt.
 const UNRESPONSIVE_PASSES: u32 = 3;
+/// How long after another relay's membership expires this one renews, so that by the
+/// database's clock it has expired when the statement runs.
+const AFTER_EXPIRY: Duration = Duration::from_millis(100);
 
 /// Relay tuning.
 #[derive(Debug, Clone)]
@@ -94,6 +97,9 @@ struct Leases {
     /// No batch may start after this instant: the lease could have expired by its end.
     publish_until: Option<Instant>,
     renewed_at: Option<Instant>,
+    /// The next renewal: a third of the TTL after the last, or just after another relay's
+    /// membership expires if that comes sooner.
+    renew_at: Option<Instant>,
     /// When the retries this relay scheduled come due (earliest first): after a pass that
     /// found nothing due, the next one starts at the earliest rather than at the poll
     /// interval. Bounded: one entry per row retried, popped once due.
@@ -160,20 +166,23 @@ impl Relay {
         Ok(partitions(&leases.held))
     }
 
-    /// Renewal is due every third of the TTL, at once when membership changed, and every
+    /// Renewal is due every third of the TTL, just after another relay's membership expires
+    /// (a killed relay's partitions move then), at once when membership changed, and every
     /// poll interval while this relay holds less than its fair share (others still have to
     /// let go; without LISTEN there is no notification when they do).
     fn renew_due(&self, leases: &Leases) -> bool {
         let rebalance = self.wakeup.take_rebalance();
-        let Some(at) = leases.renewed_at else { return true };
+        let (Some(at), Some(renew_at)) = (leases.renewed_at, leases.renew_at) else { return true };
         let short = self.settings.poll_interval.min(self.settings.lease_ttl / 3);
         rebalance
-            || at.elapsed() >= self.settings.lease_ttl / 3
+            || Instant::now() >= renew_at
             || (leases.held.len() < leases.fair_share && at.elapsed() >= short)
     }
 
     async fn renew(&self, leases: &mut Leases) -> Result<(), StoreError> {
         let started = Instant::now();
+        // Until a renewal succeeds, every pass tries again (and idling waits the usual third).
+        leases.renew_at = None;
         let membership = self
             .store
             .acquire_partitions(&self.identity, self.settings.partitions, self.settings.lease_ttl)
@@ -181,6 +190,11 @@ impl Relay {
         leases.publish_until =
             Some(started + self.settings.lease_ttl.saturating_sub(self.settings.publish_timeout));
         leases.renewed_at = Some(started);
+        // Measured from before the statement, so the margin also covers its duration.
+        let renew_in = membership
+            .next_expiry
+            .map_or(self.settings.lease_ttl / 3, |e| (e + AFTER_EXPIRY).min(self.settings.lease_ttl / 3));
+        leases.renew_at = Some(started + renew_in);
         leases.fair_share = membership.fair_share;
         leases.held = membership.leases;
         let owned = partitions(&leases.held);
@@ -462,7 +476,10 @@ impl Relay {
     async fn idle(&self, wait: Duration, wake_on_commit: bool, shutdown: &CancellationToken) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline {
-            let renew_at = tokio::time::Instant::now() + self.settings.lease_ttl / 3;
+            let renew_in = self.leases.lock().await.renew_at.map_or(self.settings.lease_ttl / 3, |at| {
+                at.saturating_duration_since(Instant::now()).min(self.settings.lease_ttl / 3)
+            });
+            let renew_at = tokio::time::Instant::now() + renew_in;
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 _ = self.wakeup.notified(), if wake_on_commit => return true,

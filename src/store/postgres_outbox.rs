@@ -177,10 +177,19 @@ impl OutboxStore for PostgresStore {
         .bind(partitions)
         .fetch_all(&mut *tx)
         .await?;
-        let live: Vec<String> =
-            sqlx::query_scalar("SELECT owner FROM outbox_relay WHERE expires_at > now() ORDER BY owner")
-                .fetch_all(&mut *tx)
-                .await?;
+        let members: Vec<(String, f64)> = sqlx::query_as(
+            "SELECT owner, extract(epoch FROM expires_at - now())::float8 FROM outbox_relay
+             WHERE expires_at > now() ORDER BY owner",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let next_expiry = members
+            .iter()
+            .filter(|(o, _)| o != owner)
+            .map(|(_, left)| *left)
+            .min_by(f64::total_cmp)
+            .map(|left| Duration::from_secs_f64(left.max(0.0)));
+        let live: Vec<String> = members.into_iter().map(|(o, _)| o).collect();
         let index = live.iter().position(|o| o == owner).unwrap_or(live.len());
         let target = fair_share(partitions, live.len(), index);
 
@@ -223,6 +232,7 @@ impl OutboxStore for PostgresStore {
             leases: held.into_iter().map(|(partition, epoch)| Lease { partition, epoch }).collect(),
             live_relays: live.len(),
             fair_share: target,
+            next_expiry,
         })
     }
 

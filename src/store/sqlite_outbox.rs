@@ -49,6 +49,7 @@ impl OutboxStore for SqliteStore {
             leases: (0..partitions).map(|partition| Lease { partition, epoch: 0 }).collect(),
             live_relays: 1,
             fair_share: partitions as usize,
+            next_expiry: None,
         })
     }
 

@@ -22,13 +22,22 @@ fn identity(owner: &str) -> RelayIdentity {
 
 /// Expires every lease and heartbeat of `owner`, as if its process had stalled past them.
 async fn expire(url: &str, owner: &str) {
+    expire_in(url, owner, -1.0).await;
+}
+
+/// Moves every lease and heartbeat of `owner` to expire `secs` from now, as if its process
+/// had died that much less than a lease ago.
+async fn expire_in(url: &str, owner: &str, secs: f64) {
     let pool = sqlx::PgPool::connect(url).await.expect("connect");
     for table in ["outbox_lease", "outbox_relay"] {
-        sqlx::query(&format!("UPDATE {table} SET expires_at = now() - interval '1 second' WHERE owner = $1"))
-            .bind(owner)
-            .execute(&pool)
-            .await
-            .expect("expire");
+        sqlx::query(&format!(
+            "UPDATE {table} SET expires_at = now() + make_interval(secs => $2) WHERE owner = $1"
+        ))
+        .bind(owner)
+        .bind(secs)
+        .execute(&pool)
+        .await
+        .expect("expire");
     }
 }
 
@@ -84,6 +93,43 @@ async fn two_relays_split_partitions_evenly_never_overlap_and_fail_over() {
     let keys: std::collections::HashSet<String> = records.iter().map(|r| r.key.clone()).collect();
     assert_eq!(records.len(), 30, "no duplicates without failures");
     assert_eq!(keys, expected, "all events delivered");
+}
+
+#[tokio::test]
+async fn a_dead_relays_partitions_move_right_after_its_membership_expires() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let sink = Sink::bus(1_000_000);
+    // A 30 s lease: a relay at its fair share renews every 10 s on its own.
+    let ttl = Duration::from_secs(30);
+    let relay =
+        |owner: &str| pipeline.relay(owner, pipeline.store.clone(), sink.publisher.clone(), &sink.topic, ttl);
+    let (a, b) = (relay("relay-a"), relay("relay-b"));
+    for _ in 0..3 {
+        b.heartbeat().await.expect("heartbeat");
+        a.heartbeat().await.expect("heartbeat");
+    }
+    // B died 29 s ago and never renews; A renews now, at its fair share.
+    expire_in(&pipeline.url, "relay-b", 1.0).await;
+    assert_eq!(a.heartbeat().await.expect("heartbeat").len(), PARTITIONS as usize / 2);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(a.clone().run(stop.clone()));
+    let pool = sqlx::PgPool::connect(&pipeline.url).await.expect("connect");
+    eventually(
+        Duration::from_secs(5),
+        "A to take B's partitions after B's expiry, not 10 s later",
+        || async {
+            let held: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox_lease WHERE owner = 'relay-a' AND expires_at > now()",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+            held == i64::from(PARTITIONS)
+        },
+    )
+    .await;
+    stop.cancel();
+    running.await.expect("relay stops");
 }
 
 #[tokio::test]
