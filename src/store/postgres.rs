@@ -75,8 +75,16 @@ impl PostgresStore {
     /// `Transaction` rolls back properly. Found by `scripts/bench.sh` (relay deletes blocked
     /// behind a stale transaction after wrk closed its connections).
     pub(super) async fn begin_shielded(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.begin_shielded_with(self.begin_statement()).await
+    }
+
+    /// [`PostgresStore::begin_shielded`] with its own `BEGIN` statement (it may carry
+    /// `SET LOCAL`s, sent in the same round trip).
+    pub(super) async fn begin_shielded_with(
+        &self,
+        begin: String,
+    ) -> Result<Transaction<'static, Postgres>, StoreError> {
         let pool = self.pool.clone();
-        let begin = self.begin_statement();
         match tokio::spawn(async move { pool.begin_with(begin).await }).await {
             Ok(result) => Ok(result?),
             Err(e) => Err(StoreError::Other(anyhow::Error::new(e).context("BEGIN task failed"))),

@@ -1,9 +1,11 @@
 //! The outbox on PostgreSQL: partition leases shared by every replica's relay. Lease
 //! expiry uses the database clock, so replicas' clocks need not agree.
 //!
-//! A pass costs three round trips whatever the number of partitions: one [`fetch_due`]
-//! statement, the broker round, one [`settle`] statement. Leases are renewed every third of
-//! their TTL and at once when membership changes (a `rebalance` notification).
+//! A pass costs the same few round trips whatever the number of partitions: one
+//! [`fetch_due`] statement (in a read-only transaction that pins its plan, see
+//! [`FETCH_DUE_BEGIN`]), the broker round, one [`settle`] statement. Leases are renewed
+//! every third of their TTL, just after another relay's membership expires, and at once
+//! when membership changes (a `rebalance` notification).
 //!
 //! [`fetch_due`]: OutboxStore::fetch_due
 //! [`settle`]: OutboxStore::settle
@@ -33,6 +35,29 @@ use crate::outbox::{
 pub(super) fn fair_share(partitions: i32, live: usize, index: usize) -> usize {
     let (p, n) = (partitions.max(0) as usize, live.max(1));
     p / n + usize::from(index < p % n)
+}
+
+/// How the relay's fetch transaction begins. With the statistics of a nearly empty outbox
+/// (analyzed before a backlog grew faster than autovacuum re-analyzes it, e.g. during a
+/// broker outage at a high write rate), the planner reads each partition whole and sorts it
+/// on every pass: measured 728 ms instead of 23 ms per pass at 100,000 rows. The index on
+/// `(partition, seq)` already yields each partition in order, so forbidding the sort makes
+/// the plan independent of statistics. `SET LOCAL` ends with the transaction, so it is safe
+/// behind PgBouncer in transaction mode; one simple-protocol round trip with the `BEGIN`.
+pub const FETCH_DUE_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_sort = off";
+
+/// The relay's fetch: the first `$2` due heads (`$3` = now) of each partition in `$1`.
+/// Public so tests can `EXPLAIN` exactly what the relay runs.
+pub fn fetch_due_sql() -> String {
+    format!(
+        "SELECT o.* FROM unnest($1::int[]) AS p(partition)
+         CROSS JOIN LATERAL (
+            SELECT {OUTBOX_COLUMNS} FROM outbox o
+            WHERE o.partition = p.partition AND {}
+            ORDER BY o.seq LIMIT $2
+         ) o",
+        due_head("$3")
+    )
 }
 
 /// Settlement kinds as the settle statement encodes them.
@@ -261,17 +286,14 @@ impl OutboxStore for PostgresStore {
         per_partition: i64,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxRecord>, StoreError> {
-        let sql = format!(
-            "SELECT o.* FROM unnest($1::int[]) AS p(partition)
-             CROSS JOIN LATERAL (
-                SELECT {OUTBOX_COLUMNS} FROM outbox o
-                WHERE o.partition = p.partition AND {}
-                ORDER BY o.seq LIMIT $2
-             ) o",
-            due_head("$3")
-        );
-        let rows =
-            sqlx::query(&sql).bind(partitions).bind(per_partition).bind(now).fetch_all(self.pool()).await?;
+        let mut tx = self.begin_shielded_with(FETCH_DUE_BEGIN.to_owned()).await?;
+        let rows = sqlx::query(&fetch_due_sql())
+            .bind(partitions)
+            .bind(per_partition)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
         rows.iter().map(Sql::decode_outbox).collect()
     }
 

@@ -629,3 +629,47 @@ async fn a_stopping_relay_releases_its_leases() {
     })
     .await;
 }
+
+/// Rows a plan read from the outbox as `o` (the heads' scan): actual rows × loops of every
+/// node on it, through the whole tree.
+fn heads_read(plan: &serde_json::Value) -> f64 {
+    let own = if plan["Relation Name"] == "outbox" && plan["Alias"] == "o" {
+        plan["Actual Rows"].as_f64().unwrap_or(0.0) * plan["Actual Loops"].as_f64().unwrap_or(0.0)
+    } else {
+        0.0
+    };
+    own + plan["Plans"].as_array().map_or(0.0, |children| children.iter().map(heads_read).sum())
+}
+
+#[tokio::test]
+async fn the_relay_fetch_reads_only_the_heads_it_returns_even_with_stale_statistics() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let pool = sqlx::PgPool::connect(&pipeline.url).await.expect("connect");
+    // The statistics of an empty outbox, then a backlog faster than autovacuum re-analyzes.
+    for statement in [
+        "ALTER TABLE outbox SET (autovacuum_enabled = false)",
+        "ANALYZE outbox",
+        "INSERT INTO outbox (message_id, partition, aggregate_type, aggregate_id, event_type, payload)
+         SELECT gen_random_uuid(), (n % 5000) % 16, 'order', 'order-' || (n % 5000), 'x', '\\x00'::bytea
+           FROM generate_series(1, 50000) AS n",
+    ] {
+        sqlx::query(statement).execute(&pool).await.expect(statement);
+    }
+    let (partitions, per_partition): (Vec<i32>, i64) = ((0..16).collect(), 100);
+    let fetched = pipeline.store.fetch_due(&partitions, per_partition, Utc::now()).await.expect("fetch");
+    assert_eq!(fetched.len(), 1600, "the first 100 heads of each of 16 partitions");
+
+    // The same transaction and statement, explained.
+    let mut tx = pool.begin_with(orders_service::store::FETCH_DUE_BEGIN).await.expect("begin");
+    let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", orders_service::store::fetch_due_sql());
+    let plan: serde_json::Value = sqlx::query_scalar(&explain)
+        .bind(&partitions)
+        .bind(per_partition)
+        .bind(Utc::now())
+        .fetch_one(&mut *tx)
+        .await
+        .expect("explain");
+    let read = heads_read(&plan[0]["Plan"]);
+    eprintln!("fetch of 1,600 heads from 50,000 rows read {read} rows");
+    assert!(read <= 2.0 * 1600.0, "read {read} rows for 1,600 heads: {plan:#}");
+}
