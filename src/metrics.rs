@@ -82,6 +82,8 @@ pub struct Metrics {
     pub inbox_partitions_paused: IntGauge,
     /// Dead-letter producers rebuilt, by reason (fatal error, or unresponsive).
     pub inbox_dlq_producer_rebuilds: IntCounterVec,
+    /// 1 while the consumer's group membership is steady (joined, assignment applied).
+    pub inbox_group_steady: IntGauge,
     /// Idempotency-Key outcomes.
     pub idempotency_outcomes: IntCounterVec,
     /// Circuit breaker state per dependency.
@@ -241,6 +243,11 @@ impl Metrics {
             "Inbound partitions paused because their worker is behind",
         )?;
         registry.register(Box::new(inbox_partitions_paused.clone()))?;
+        let inbox_group_steady = IntGauge::new(
+            "inbox_group_steady",
+            "1 while the inbox consumer's group membership is steady (joined, assignment applied)",
+        )?;
+        registry.register(Box::new(inbox_group_steady.clone()))?;
         let inbox_dlq_producer_rebuilds = counters(
             &registry,
             "inbox_dlq_producer_rebuilds_total",
@@ -367,6 +374,7 @@ impl Metrics {
             inbox_consumer_lag,
             inbox_partitions_paused,
             inbox_dlq_producer_rebuilds,
+            inbox_group_steady,
             idempotency_outcomes,
         }))
     }

@@ -50,16 +50,34 @@ pub struct InboxContext {
     workers: Mutex<HashMap<PartitionKey, CancellationToken>>,
     /// Partitions this consumer paused; the lock also serializes pause and resume.
     paused: Mutex<HashSet<PartitionKey>>,
+    /// The group membership (`state`, `join_state`) librdkafka's statistics last reported.
+    group: Mutex<(String, String)>,
 }
 
 impl InboxContext {
     fn paused(&self) -> std::sync::MutexGuard<'_, HashSet<PartitionKey>> {
         self.paused.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Logs every change of the group membership and keeps `inbox_group_steady`: a member
+    /// that stays out of `up`/`steady` holds no partitions, and nothing else would say so.
+    fn record_group(&self, cgrp: &rdkafka::statistics::ConsumerGroup) {
+        let mut group = self.group.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if group.0 != cgrp.state || group.1 != cgrp.join_state {
+            tracing::info!(state = %cgrp.state, join_state = %cgrp.join_state, assigned = cgrp.assignment_size,
+                "inbox: consumer group membership");
+            *group = (cgrp.state.clone(), cgrp.join_state.clone());
+        }
+        let steady = cgrp.state == "up" && cgrp.join_state == "steady";
+        self.metrics.inbox_group_steady.set(i64::from(steady));
+    }
 }
 
 impl ClientContext for InboxContext {
     fn stats(&self, statistics: Statistics) {
+        if let Some(cgrp) = &statistics.cgrp {
+            self.record_group(cgrp);
+        }
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 // -1 is librdkafka's "no partition"; a partition this consumer is not assigned
@@ -137,6 +155,7 @@ impl KafkaInbox {
             metrics: metrics.clone(),
             workers: Mutex::new(HashMap::new()),
             paused: Mutex::new(HashSet::new()),
+            group: Mutex::default(),
         };
         let consumer: StreamConsumer<InboxContext> = settings
             .client_config()
@@ -147,6 +166,7 @@ impl KafkaInbox {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "5000")
+            .set("max.poll.interval.ms", max_poll_interval(settings))
             .create_with_context(context)
             .context("creating the Kafka consumer (check APP_KAFKA__*)")?;
         Ok(Self { consumer: Arc::new(consumer), inbox, metrics })
@@ -258,6 +278,18 @@ impl KafkaInbox {
         let task = tokio::spawn(worker.run(messages, predecessor));
         WorkerHandle { queue, queued, stop: worker_stop, task }
     }
+}
+
+/// How long a rebalance waits for members to rejoin (librdkafka sends `max.poll.interval.ms`
+/// as the rebalance timeout). The poll loop never waits on a worker, so the 5-minute default
+/// would only lengthen a rebalance waiting on a member that will not rejoin; the session
+/// timeout is the least librdkafka accepts. A value in `APP_KAFKA__PROPERTIES` wins.
+fn max_poll_interval(settings: &KafkaSettings) -> String {
+    let property = |key: &str| settings.properties.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    property("max.poll.interval.ms").unwrap_or_else(|| {
+        let session: u64 = property("session.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(45_000);
+        session.to_string()
+    })
 }
 
 /// Pauses or resumes fetching one partition unless it already is (paused or not);

@@ -774,6 +774,36 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
         published.payments.values().filter(|id| orders.get(*id).map(String::as_str) != Some("PAID")).count();
     let dlq_ids: HashSet<String> = dlq.iter().map(|r| r.headers["ce_id"].clone()).collect();
     let poison_missing = published.poison.iter().filter(|id| !dlq_ids.contains(*id)).count();
+    // Where each unapplied payment and each poison message missing from the DLQ stands in
+    // the database: what an operator would look at, printed with a failure.
+    let mut stuck = Vec::new();
+    let on_topic: HashSet<String> = if not_paid + poison_missing > 0 {
+        let all = published.payments.len() + published.duplicates + published.poison.len();
+        let records = kafka::read(&brokers, &payments_topic, all, Duration::from_secs(30)).await;
+        records.iter().map(|r| r.headers["ce_id"].clone()).collect()
+    } else {
+        HashSet::new()
+    };
+    let unpaid =
+        published.payments.iter().filter(|(_, order)| orders.get(*order).map(String::as_str) != Some("PAID"));
+    let missing = published.poison.iter().filter(|id| !dlq_ids.contains(*id)).map(|id| (id, id));
+    for (message, order) in unpaid.chain(missing) {
+        let (inbox_rows, rejections): (i64, Option<String>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM inbox WHERE message_id = $1),
+                    (SELECT string_agg(kind || ' at ' || kafka_partition || '/' || kafka_offset || ': ' || reason, '; ')
+                       FROM inbox_rejection WHERE message_id = $1)",
+        )
+        .bind(message)
+        .fetch_one(&mut db)
+        .await
+        .expect("where a message stands");
+        stuck.push(format!(
+            "{message} (order {order}: {:?}): on the payments topic {}, inbox rows {inbox_rows}, rejections \
+             {rejections:?}",
+            orders.get(order),
+            on_topic.contains(message)
+        ));
+    }
     let spread: Vec<i64> = owned(&replicas, &http, None).await.into_iter().map(|o| o.unwrap_or(-1)).collect();
 
     // Client-visible errors, inside and outside the fault windows.
@@ -879,7 +909,11 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
     }
 
     let keep = |what: &str| format!("{what}; replica logs kept in {}", logs.display());
-    assert!(settled, "{}", keep("the outbox did not drain or the inbox did not see every payment"));
+    assert!(
+        settled,
+        "{}: {stuck:?}",
+        keep("the outbox did not drain or the inbox did not see every payment")
+    );
     assert!(lost.is_empty(), "{}: {:?}", keep("events lost"), &lost[..lost.len().min(10)]);
     assert_eq!(twice, 0, "{}", keep("an effect was applied twice"));
     assert_eq!(phantom, 0, "events for orders that were never committed");
@@ -887,8 +921,8 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
     assert_eq!(unseen_by_clients, 0, "an order exists that no client's key produced");
     assert_eq!(out_of_order, 0, "per-order event order violated");
     assert_eq!(not_cancelled, 0, "an acknowledged cancel did not hold");
-    assert_eq!(not_paid, 0, "{}", keep("a captured payment was not applied"));
-    assert_eq!(poison_missing, 0, "poison messages missing from the DLQ");
+    assert_eq!(not_paid, 0, "{}: {stuck:?}", keep("a captured payment was not applied"));
+    assert_eq!(poison_missing, 0, "{}: {stuck:?}", keep("poison messages missing from the DLQ"));
     assert!(spread.iter().all(|&n| n >= 0), "a replica did not answer at the end: {spread:?}");
     assert_eq!(spread.iter().sum::<i64>(), PARTITIONS, "every partition owned once: {spread:?}");
     assert!(
