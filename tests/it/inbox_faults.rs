@@ -240,10 +240,17 @@ async fn join_and_leave(group: &str, topic: &str) -> usize {
     .expect("second consumer")
 }
 
-#[tokio::test]
-async fn a_partition_paused_when_revoked_is_resumed_when_assigned_again() {
-    let pipeline = Pipeline::new(Backend::Postgres).await;
-    let topics = Topics::create().await;
+/// Partition 0 of the payments topic with its head stuck behind a row lock and 100 payments
+/// behind it (more than a worker queues before pausing), consumed with an impatient store.
+struct Stuck {
+    locked: Order,
+    behind: Vec<Order>,
+    /// Dropping it releases the head.
+    lock: sqlx::PgConnection,
+    stop: CancellationToken,
+}
+
+async fn stuck_partition(pipeline: &Pipeline, topics: &Topics) -> Stuck {
     let locked = pipeline.create(1).await;
     let mut behind = Vec::new();
     for _ in 0..100 {
@@ -255,10 +262,18 @@ async fn a_partition_paused_when_revoked_is_resumed_when_assigned_again() {
         behind.iter().enumerate().map(|(i, o)| payment_captured(&topics.payments, &format!("b{i}"), o)),
     );
     produce_to(0, messages).await;
-    let store = impatient_store(&pipeline, "500").await;
+    let store = impatient_store(pipeline, "500").await;
     let mut settings = topics.settings(Duration::from_secs(3600));
     settings.max_attempts = 1000;
-    let stop = consume(inbox_with(&pipeline, store, settings), pipeline.metrics.clone());
+    let stop = consume(inbox_with(pipeline, store, settings), pipeline.metrics.clone());
+    Stuck { locked, behind, lock, stop }
+}
+
+#[tokio::test]
+async fn a_partition_paused_when_revoked_is_resumed_when_assigned_again() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let Stuck { locked, behind, lock, stop } = stuck_partition(&pipeline, &topics).await;
     let paused = || pipeline.metrics.inbox_partitions_paused.get();
     eventually(Duration::from_secs(20), "partition 0 paused behind its stuck head", || async {
         paused() == 1
@@ -281,22 +296,8 @@ async fn a_partition_paused_when_revoked_is_resumed_when_assigned_again() {
 async fn a_partition_stuck_behind_a_lock_does_not_hold_the_others() {
     let pipeline = Pipeline::new(Backend::Postgres).await;
     let topics = Topics::create().await;
-    let locked = pipeline.create(1).await;
-    let mut behind = Vec::new();
-    for _ in 0..100 {
-        behind.push(pipeline.create(1).await);
-    }
+    let Stuck { behind, lock, stop, .. } = stuck_partition(&pipeline, &topics).await;
     let elsewhere = pipeline.create(1).await;
-    let lock = support::lock_order(&pipeline.url, &locked.id.to_string()).await;
-    let mut messages = vec![payment_captured(&topics.payments, "locked", &locked)];
-    messages.extend(
-        behind.iter().enumerate().map(|(i, o)| payment_captured(&topics.payments, &format!("b{i}"), o)),
-    );
-    produce_to(0, messages).await;
-    let store = impatient_store(&pipeline, "500").await;
-    let mut settings = topics.settings(Duration::from_secs(3600));
-    settings.max_attempts = 1000;
-    let stop = consume(inbox_with(&pipeline, store, settings), pipeline.metrics.clone());
     eventually(Duration::from_secs(20), "the locked message to be retried", || async {
         pipeline.metrics.inbox_retries.with_label_values(&[&topics.payments]).get() > 0
     })
