@@ -476,9 +476,13 @@ impl Relay {
     async fn idle(&self, wait: Duration, wake_on_commit: bool, shutdown: &CancellationToken) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline {
-            let renew_in = self.leases.lock().await.renew_at.map_or(self.settings.lease_ttl / 3, |at| {
-                at.saturating_duration_since(Instant::now()).min(self.settings.lease_ttl / 3)
-            });
+            // `renew_at` is never more than a third of the TTL ahead; unset after a failed renewal.
+            let renew_in = self
+                .leases
+                .lock()
+                .await
+                .renew_at
+                .map_or(self.settings.lease_ttl / 3, |at| at.saturating_duration_since(Instant::now()));
             let renew_at = tokio::time::Instant::now() + renew_in;
             tokio::select! {
                 _ = shutdown.cancelled() => return false,

@@ -10,7 +10,7 @@
 //! [`fetch_due`]: OutboxStore::fetch_due
 //! [`settle`]: OutboxStore::settle
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use anyhow::anyhow;
 use async_trait::async_trait;
@@ -46,18 +46,21 @@ pub(super) fn fair_share(partitions: i32, live: usize, index: usize) -> usize {
 /// behind PgBouncer in transaction mode; one simple-protocol round trip with the `BEGIN`.
 pub const FETCH_DUE_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_sort = off";
 
-/// The relay's fetch: the first `$2` due heads (`$3` = now) of each partition in `$1`.
-/// Public so tests can `EXPLAIN` exactly what the relay runs.
-pub fn fetch_due_sql() -> String {
-    format!(
-        "SELECT o.* FROM unnest($1::int[]) AS p(partition)
-         CROSS JOIN LATERAL (
-            SELECT {OUTBOX_COLUMNS} FROM outbox o
-            WHERE o.partition = p.partition AND {}
-            ORDER BY o.seq LIMIT $2
-         ) o",
-        due_head("$3")
-    )
+/// The relay's fetch: the first `$2` due heads (`$3` = now) of each partition in `$1`,
+/// built once (every pass runs it). Public so tests can `EXPLAIN` exactly what the relay runs.
+pub fn fetch_due_sql() -> &'static str {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT o.* FROM unnest($1::int[]) AS p(partition)
+             CROSS JOIN LATERAL (
+                SELECT {OUTBOX_COLUMNS} FROM outbox o
+                WHERE o.partition = p.partition AND {}
+                ORDER BY o.seq LIMIT $2
+             ) o",
+            due_head("$3")
+        )
+    });
+    &SQL
 }
 
 /// Settlement kinds as the settle statement encodes them.
@@ -287,7 +290,7 @@ impl OutboxStore for PostgresStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         let mut tx = self.begin_shielded_with(FETCH_DUE_BEGIN.to_owned()).await?;
-        let rows = sqlx::query(&fetch_due_sql())
+        let rows = sqlx::query(fetch_due_sql())
             .bind(partitions)
             .bind(per_partition)
             .bind(now)
