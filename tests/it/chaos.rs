@@ -798,13 +798,21 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
     // Where each unapplied payment and each poison message missing from the DLQ stands in
     // the database: what an operator would look at, printed with a failure.
     let mut stuck = Vec::new();
-    let on_topic: HashSet<String> = if not_paid + poison_missing > 0 {
-        let all = published.payments.len() + published.duplicates + published.poison.len();
-        let records = kafka::read(&brokers, &payments_topic, all, Duration::from_secs(30)).await;
-        records.iter().map(|r| r.headers["ce_id"].clone()).collect()
-    } else {
-        HashSet::new()
-    };
+    // Where each message sits on the payments topic (partition/offset, and the partition's
+    // last offset), to compare with the replicas' logs.
+    let (on_topic, last_offset): (HashMap<String, (i32, i64)>, HashMap<i32, i64>) =
+        if not_paid + poison_missing > 0 {
+            let all = published.payments.len() + published.duplicates + published.poison.len();
+            let records = kafka::read(&brokers, &payments_topic, all, Duration::from_secs(30)).await;
+            let mut last = HashMap::new();
+            for r in &records {
+                let end = last.entry(r.partition).or_insert(r.offset);
+                *end = (*end).max(r.offset);
+            }
+            (records.iter().map(|r| (r.headers["ce_id"].clone(), (r.partition, r.offset))).collect(), last)
+        } else {
+            (HashMap::new(), HashMap::new())
+        };
     let unpaid =
         published.payments.iter().filter(|(_, order)| orders.get(*order).map(String::as_str) != Some("PAID"));
     let missing = published.poison.iter().filter(|id| !dlq_ids.contains(*id)).map(|id| (id, id));
@@ -818,11 +826,13 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
         .fetch_one(&mut db)
         .await
         .expect("where a message stands");
+        let at = on_topic
+            .get(message)
+            .map(|(p, o)| format!("at {p}/{o} (partition ends at {:?})", last_offset.get(p)));
         stuck.push(format!(
-            "{message} (order {order}: {:?}): on the payments topic {}, inbox rows {inbox_rows}, rejections \
+            "{message} (order {order}: {:?}): on the payments topic {at:?}, inbox rows {inbox_rows}, rejections \
              {rejections:?}",
             orders.get(order),
-            on_topic.contains(message)
         ));
     }
     let spread: Vec<i64> = owned(&replicas, &http, None).await.into_iter().map(|o| o.unwrap_or(-1)).collect();
