@@ -511,6 +511,7 @@ fn relay_settings(settings: &Settings) -> RelaySettings {
     RelaySettings {
         partitions: settings.outbox.partitions,
         batch_size: settings.outbox.batch_size,
+        in_flight_batches: settings.outbox.in_flight_batches,
         poll_interval: settings.outbox.poll_interval,
         lease_ttl: settings.outbox.lease_ttl,
         publish_timeout: settings.publish_timeout(),

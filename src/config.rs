@@ -108,6 +108,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "outbox partitions (P); recorded at first start, see `outbox repartition`",
     ),
     ("APP_OUTBOX__BATCH_SIZE", "100", "rows fetched per partition per pass"),
+    ("APP_OUTBOX__IN_FLIGHT_BATCHES", "4", "batches with the broker at once (1 = no pipelining)"),
     ("APP_OUTBOX__POLL_INTERVAL_MS", "1000", "relay polling fallback"),
     ("APP_OUTBOX__LEASE_TTL_MS", "30000", "partition lease duration (> 2 × message timeout)"),
     ("APP_OUTBOX__NOTIFY_WINDOW_MS", "20", "coalescing window of cross-process wake-ups"),
@@ -362,6 +363,8 @@ pub struct OutboxSettings {
     pub partitions: i32,
     /// Rows per partition per pass.
     pub batch_size: i64,
+    /// Batches with the broker at once.
+    pub in_flight_batches: usize,
     /// Polling fallback.
     pub poll_interval: Duration,
     /// Lease duration.
@@ -469,6 +472,7 @@ impl Settings {
             outbox: OutboxSettings {
                 partitions: env.parse("APP_OUTBOX__PARTITIONS")?,
                 batch_size: env.parse("APP_OUTBOX__BATCH_SIZE")?,
+                in_flight_batches: env.parse("APP_OUTBOX__IN_FLIGHT_BATCHES")?,
                 poll_interval: env.millis("APP_OUTBOX__POLL_INTERVAL_MS")?,
                 lease_ttl: env.millis("APP_OUTBOX__LEASE_TTL_MS")?,
                 notify_window: env.millis("APP_OUTBOX__NOTIFY_WINDOW_MS")?,
@@ -559,6 +563,9 @@ impl Settings {
         }
         if !(1..=10_000).contains(&self.outbox.batch_size) {
             return Err(error("APP_OUTBOX__BATCH_SIZE", "must be between 1 and 10000"));
+        }
+        if !(1..=64).contains(&self.outbox.in_flight_batches) {
+            return Err(error("APP_OUTBOX__IN_FLIGHT_BATCHES", "must be between 1 and 64"));
         }
         let publish_timeout = self.publish_timeout();
         if self.outbox.lease_ttl <= publish_timeout * 2 {

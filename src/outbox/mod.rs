@@ -266,12 +266,14 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// In one statement, for each of `partitions`: up to `per_partition` rows, in `seq`
     /// order, that are due at `now` and are the oldest pending event of their aggregate (no
     /// earlier row of it in the outbox or the dead letters). Heads in backoff hold back
-    /// their own aggregate only.
+    /// their own aggregate only. Rows whose `seq` is in `in_flight` (handed to the broker by
+    /// an earlier pass, not settled yet) are skipped; their successors are not heads yet.
     async fn fetch_due(
         &self,
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
+        in_flight: &[i64],
     ) -> Result<Vec<OutboxRecord>, StoreError>;
     /// Deletes, reschedules and dead-letters the rows of one pass in one statement, each
     /// only while `owner` still holds its partition with the epoch in `leases`.

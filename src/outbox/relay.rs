@@ -1,22 +1,35 @@
 //! The relay: publishes outbox rows of the partitions it leases, in `seq` order per
 //! aggregate, and deletes them only after the broker acknowledged them.
 //!
-//! One pass ([`Relay::relay_once`]) renews leases when due, fetches the due heads of every
-//! owned partition in one statement (at most one event per aggregate: its oldest), publishes
-//! them together and settles them in one statement. One event per aggregate per pass means
-//! a failure can never let a later event of the same aggregate overtake an earlier one:
+//! A pass ([`Relay::pass`]) renews leases when due, fetches the due heads of every owned
+//! partition in one statement (at most one event per aggregate: its oldest), hands them to
+//! the producer as one batch and settles earlier batches in one statement each. Up to
+//! `in_flight_batches` batches are with the broker at once, so fetching and settling overlap
+//! the broker's round instead of waiting for it; a fetch skips the rows still in flight, and
+//! their successors are not heads until they are settled, so a later event of an aggregate
+//! is never handed over before an earlier one was acknowledged. [`Relay::relay_once`] is one
+//! pass with a window of one (fetch, publish, settle), the deterministic step tests drive.
+//!
+//! One event per aggregate per batch means a failure can never let a later event of the
+//! same aggregate overtake an earlier one:
 //! - retriable failure: the row gets an attempt, an error and a jittered next-attempt time;
 //!   its aggregate waits, other aggregates go on;
 //! - permanent failure: the row moves to `outbox_dead_letter`; its aggregate waits until it
 //!   is replayed;
-//! - fatal producer error: the relay releases its leases, rebuilds the producer and backs off.
+//! - fatal producer error: the relay settles what is in flight, releases its leases,
+//!   rebuilds the producer and backs off.
+//!
+//! Leases change only with nothing in flight: a partition released while one of its batches
+//! is unacknowledged could be fetched and published by its next owner in between.
 //!
 //! Waiting costs nothing: a pass that got no acknowledgement at all (broker unreachable)
 //! starts a backoff during which commits do not wake the relay; leases are still renewed.
+//! The window opens only while batches are acknowledged (slow start), so a dead broker
+//! costs one batch per backoff.
 
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BinaryHeap, VecDeque},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
@@ -30,7 +43,7 @@ use crate::{
     backoff::Backoff,
     metrics::Metrics,
     publish::{OutboundMessage, PublishError, Publisher},
-    resilience::Policy,
+    resilience::{Policy, breaker::Permit},
     store::StoreError,
     telemetry,
 };
@@ -48,6 +61,9 @@ pub struct RelaySettings {
     pub partitions: i32,
     /// Rows fetched per partition per pass.
     pub batch_size: i64,
+    /// Batches with the broker at once (the pipeline's depth); 1 = fetch, publish and
+    /// settle strictly one after the other.
+    pub in_flight_batches: usize,
     /// Fallback polling interval when no wake-up arrives.
     pub poll_interval: Duration,
     /// Lease duration; renewed every third of it.
@@ -86,6 +102,42 @@ pub struct PassReport {
     pub next_retry_in: Option<Duration>,
     /// Partitions owned during this pass.
     pub owned: Vec<i32>,
+}
+
+/// A batch handed to the producer and not settled yet.
+struct Flight {
+    /// The rows, their payloads moved into the messages.
+    rows: Vec<OutboxRecord>,
+    /// One publish span per row.
+    spans: Vec<tracing::Span>,
+    /// The leases held when the batch was fetched: settling is fenced by their epochs.
+    leases: Vec<Lease>,
+    /// The broker breaker's permit, answered once the acknowledgements are in.
+    permit: Option<Permit>,
+    /// The producer's answers, one per row in order.
+    deliveries: tokio::task::JoinHandle<Vec<Result<(), PublishError>>>,
+}
+
+/// Batches handed to the producer and not settled yet, oldest first. Owned by whoever
+/// drives [`Relay::pass`] (the run loop), so a pass can end with batches still in flight.
+#[derive(Default)]
+pub struct Window(VecDeque<Flight>);
+
+impl Window {
+    /// Batches in flight.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Nothing in flight.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The seqs in flight, which the next fetch must skip.
+    fn seqs(&self) -> Vec<i64> {
+        self.0.iter().flat_map(|f| f.rows.iter().map(|r| r.seq)).collect()
+    }
 }
 
 /// Lease state of this relay.
@@ -204,31 +256,51 @@ impl Relay {
         Ok(())
     }
 
-    /// One pass: renew leases if due, fetch the due heads of every owned partition, publish
-    /// them all at once (one round of broker acknowledgements, however many partitions),
-    /// then settle every row in one statement: delete, schedule a retry, or dead-letter.
+    /// One pass with a window of one: renew leases if due, fetch the due heads of every
+    /// owned partition, publish them all at once (one round of broker acknowledgements,
+    /// however many partitions), then settle every row in one statement: delete, schedule a
+    /// retry, or dead-letter. The deterministic step for tests.
     pub async fn relay_once(&self) -> Result<PassReport, StoreError> {
+        self.pass(&mut Window::default(), 1).await
+    }
+
+    /// One pass of the pipeline: renew leases if due (after settling everything in flight),
+    /// fetch the due heads that are not in `window`, hand them to the producer, then settle
+    /// the oldest batches: while `depth` of them are in flight, and all of them once the
+    /// backlog is caught up (no full batch) unless a commit wakes the relay first. A batch
+    /// that got no acknowledgement, or a fatal producer error, settles the whole window.
+    pub async fn pass(&self, window: &mut Window, depth: usize) -> Result<PassReport, StoreError> {
         self.metrics.outbox_relay_passes.inc();
+        let mut report = PassReport::default();
         let mut leases = self.leases.lock().await;
         if self.renew_due(&leases) {
+            if !window.is_empty() {
+                drop(leases);
+                self.settle_all(window, &mut report).await?;
+                leases = self.leases.lock().await;
+            }
             self.renew(&mut leases).await?;
         }
-        let owned = partitions(&leases.held);
-        let mut report = PassReport { owned: owned.clone(), ..PassReport::default() };
-        if owned.is_empty() {
-            return Ok(report);
-        }
+        report.owned = partitions(&leases.held);
         let permit = match self.publish_policy.get().map(|policy| policy.permit()) {
+            _ if report.owned.is_empty() => None,
             Some(None) => {
                 report.refused = true; // breaker open: no statement, no publish
-                return Ok(report);
+                None
             }
             Some(Some(permit)) => Some(permit),
             None => None,
         };
+        if report.owned.is_empty() || report.refused {
+            drop(leases);
+            self.settle_all(window, &mut report).await?;
+            return Ok(report);
+        }
         let fetched_at = Instant::now();
-        let rows = self.store.fetch_due(&owned, self.settings.batch_size, Utc::now()).await?;
-        report.full_batches = owned
+        let rows =
+            self.store.fetch_due(&report.owned, self.settings.batch_size, Utc::now(), &window.seqs()).await?;
+        report.full_batches = report
+            .owned
             .iter()
             .filter(|&&p| rows.iter().filter(|r| r.partition == p).count() as i64 >= self.settings.batch_size)
             .count();
@@ -237,19 +309,43 @@ impl Relay {
         if leases.publish_until.is_none_or(|t| Instant::now() >= t) {
             tracing::warn!(owner = %self.identity.owner, "lease too close to expiry after a stall; skipping this pass");
             leases.renewed_at = None;
+            drop(leases);
+            self.settle_all(window, &mut report).await?;
             return Ok(report);
         }
+        let held = leases.held.clone();
+        drop(leases);
         if !rows.is_empty() {
-            self.publish(rows, &mut leases, &mut report).await?;
-            match permit {
-                Some(permit) if report.outage => permit.failure(),
-                Some(permit) => permit.success(),
-                None => {}
+            window.0.push_back(self.launch(rows, held, permit));
+        }
+        loop {
+            let full = window.0.len() >= depth.max(1);
+            let Some(oldest) = window.0.front_mut() else { break };
+            let results = if full {
+                (&mut oldest.deliveries).await
+            } else if report.full_batches > 0 {
+                break; // more is due: fetch the next batch while these are in flight
+            } else {
+                // Caught up: settle as acknowledgements come, unless a commit comes first.
+                tokio::select! {
+                    results = &mut oldest.deliveries => results,
+                    () = self.wakeup.notified() => break,
+                }
+            };
+            let flight = window.0.pop_front().expect("the oldest flight was just seen");
+            self.settle(flight, results, &mut report).await?;
+            if report.outage || report.fatal {
+                self.settle_all(window, &mut report).await?;
             }
+        }
+        if report.fatal {
+            let mut leases = self.leases.lock().await;
+            self.recover_from_fatal(&mut leases).await;
         }
         // Retries that came due before the fetch were fetched; one that came due during this
         // pass (or too close to the fetch to tell, given two clocks) makes the next pass
         // start at once.
+        let mut leases = self.leases.lock().await;
         let settled_before = fetched_at.checked_sub(Duration::from_millis(50)).unwrap_or(fetched_at);
         while leases.retries.peek().is_some_and(|Reverse(at)| *at <= settled_before) {
             leases.retries.pop();
@@ -261,19 +357,42 @@ impl Relay {
         Ok(report)
     }
 
-    async fn publish(
-        &self,
-        mut rows: Vec<OutboxRecord>,
-        leases: &mut Leases,
-        report: &mut PassReport,
-    ) -> Result<(), StoreError> {
+    /// Hands `rows` to the producer; the acknowledgements are collected by a task of their
+    /// own, so the relay can fetch the next batch meanwhile.
+    fn launch(&self, mut rows: Vec<OutboxRecord>, leases: Vec<Lease>, permit: Option<Permit>) -> Flight {
         let spans: Vec<tracing::Span> = rows
             .iter()
             .map(|r| telemetry::publish_span(&self.settings.topic, &r.message_id.to_string(), &r.trace))
             .collect();
         let messages = rows.iter_mut().zip(&spans).map(|(r, span)| self.message(r, span)).collect();
-        let results = self.publisher.publish(messages).await;
+        let publisher = self.publisher.clone();
+        let deliveries = tokio::spawn(async move { publisher.publish(messages).await });
+        Flight { rows, spans, leases, permit, deliveries }
+    }
+
+    /// Settles every batch in flight, oldest first.
+    async fn settle_all(&self, window: &mut Window, report: &mut PassReport) -> Result<(), StoreError> {
+        while let Some(mut flight) = window.0.pop_front() {
+            let results = (&mut flight.deliveries).await;
+            self.settle(flight, results, report).await?;
+        }
+        Ok(())
+    }
+
+    /// Settles one acknowledged batch in one statement and adds what happened to `report`.
+    async fn settle(
+        &self,
+        flight: Flight,
+        results: Result<Vec<Result<(), PublishError>>, tokio::task::JoinError>,
+        report: &mut PassReport,
+    ) -> Result<(), StoreError> {
+        let Flight { rows, spans, leases, permit, .. } = flight;
+        let results = results.unwrap_or_else(|panicked| {
+            let error = PublishError::Retriable(format!("the publish task failed: {panicked}"));
+            vec![Err(error); rows.len()]
+        });
         let now = Utc::now();
+        let (mut published, mut retries) = (0usize, Vec::new());
         let mut settlements = Vec::with_capacity(rows.len());
         for ((row, result), span) in rows.iter().zip(results).zip(spans) {
             if let Err(e) = &result {
@@ -281,7 +400,7 @@ impl Relay {
             }
             let outcome = match result {
                 Ok(()) => {
-                    report.published += 1;
+                    published += 1;
                     let latency = (now - row.created_at).to_std().unwrap_or_default();
                     self.metrics.outbox_publish_latency.observe(latency.as_secs_f64());
                     Settle::Published
@@ -295,7 +414,7 @@ impl Relay {
                     report.fatal |= matches!(e, PublishError::Fatal(_));
                     self.metrics.outbox_publish_errors.with_label_values(&[e.kind()]).inc();
                     let retry_in = self.settings.backoff.delay(row.attempts.max(0) as u32);
-                    leases.retries.push(Reverse(Instant::now() + retry_in));
+                    retries.push(Reverse(Instant::now() + retry_in));
                     tracing::debug!(seq = row.seq, attempts = row.attempts + 1, ?retry_in, error = %e, "publish failed; will retry");
                     let next_attempt_at = now + chrono::Duration::from_std(retry_in).unwrap_or_default();
                     Settle::Retry { error: e.to_string(), next_attempt_at }
@@ -303,32 +422,52 @@ impl Relay {
             };
             settlements.push(Settlement { seq: row.seq, partition: row.partition, outcome });
         }
-        let attempted = settlements.len();
-        let settled = self.store.settle(&self.identity.owner, &leases.held, &settlements).await?;
-        report.retried = settled.retried as usize;
-        report.dead_lettered = settled.dead_lettered as usize;
-        report.fenced = attempted - (settled.published + settled.retried + settled.dead_lettered) as usize;
-        report.outage = report.published == 0 && report.dead_lettered == 0;
-        self.metrics.outbox_published.inc_by(report.published as u64);
-        if report.retried > 0 {
-            tracing::warn!(
-                failed = report.retried,
-                published = report.published,
-                "publish failures; retrying with backoff"
-            );
+        let settled = self.store.settle(&self.identity.owner, &leases, &settlements).await?;
+        let fenced =
+            settlements.len() - (settled.published + settled.retried + settled.dead_lettered) as usize;
+        let outage = published == 0 && settled.dead_lettered == 0;
+        report.published += published;
+        report.retried += settled.retried as usize;
+        report.dead_lettered += settled.dead_lettered as usize;
+        report.fenced += fenced;
+        report.outage |= outage;
+        match permit {
+            Some(permit) if outage => permit.failure(),
+            Some(permit) => permit.success(),
+            None => {}
         }
-        if report.fenced > 0 {
-            self.metrics.outbox_settle_fenced.inc_by(report.fenced as u64);
+        self.metrics.outbox_published.inc_by(published as u64);
+        let mut leases = self.leases.lock().await;
+        leases.retries.extend(retries);
+        if settled.retried > 0 {
+            tracing::warn!(failed = settled.retried, published, "publish failures; retrying with backoff");
+        }
+        if fenced > 0 {
+            self.metrics.outbox_settle_fenced.inc_by(fenced as u64);
             tracing::warn!(
-                rows = report.fenced,
+                rows = fenced,
                 "lease moved on during publish; the new owner republishes (consumers dedupe by ce_id)"
             );
             leases.renewed_at = None;
         }
-        if report.fatal {
-            self.recover_from_fatal(leases).await;
-        }
         Ok(())
+    }
+
+    /// Waits for the acknowledgements of every batch in flight without settling them (the
+    /// database failed): their rows stay in the outbox and are published again later. Once
+    /// nothing is in flight, leases may change hands safely.
+    async fn abandon(&self, window: &mut Window) {
+        let mut rows = 0;
+        while let Some(flight) = window.0.pop_front() {
+            rows += flight.rows.len();
+            let _ = flight.deliveries.await;
+        }
+        if rows > 0 {
+            tracing::warn!(
+                rows,
+                "batches in flight left unsettled after a failed pass; they will be published again"
+            );
+        }
     }
 
     /// A fatal producer error: let other replicas take the partitions while this one
@@ -398,14 +537,28 @@ impl Relay {
     /// heads published whose successors may now be due), otherwise on a wake-up, the next
     /// scheduled retry or the poll interval. After a pass the broker acknowledged nothing
     /// of, or a failed pass, it backs off with jitter and ignores wake-ups. A panicking pass
-    /// is logged and the loop goes on. On shutdown the in-flight pass finishes, the
-    /// producer is flushed and leases released.
+    /// is logged and the loop goes on (the batches it had in flight are published again
+    /// later). On shutdown the in-flight pass finishes, the batches in flight are settled,
+    /// the producer is flushed and leases released.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (mut failures, mut outages) = (0u32, 0u32);
+        // Slow start: the window opens (doubling) only while batches are acknowledged and
+        // closes to one after an outage or a failure, so a dead broker costs one batch per
+        // backoff, not a window of them.
+        let mut depth = 1;
+        let mut window = Window::default();
         loop {
             let relay = self.clone();
-            let pass = tokio::spawn(async move { relay.relay_once().await });
-            let (wait, wake_on_commit) = match pass.await {
+            let mut flights = std::mem::take(&mut window);
+            let pass = tokio::spawn(async move {
+                let report = relay.pass(&mut flights, depth).await;
+                (flights, report)
+            });
+            let outcome = pass.await.map(|(flights, report)| {
+                window = flights;
+                report
+            });
+            let (wait, wake_on_commit) = match outcome {
                 // Breaker open: no statement, no publish; look again after a backoff.
                 Ok(Ok(report)) if report.refused => (self.settings.backoff.delay(outages.max(1)), false),
                 Ok(Ok(report)) if report.outage => {
@@ -425,7 +578,13 @@ impl Relay {
                 }
                 Ok(Ok(report)) => {
                     (failures, outages) = (0, 0);
-                    let flowing = report.full_batches > 0 || report.published > 0 || report.dead_lettered > 0;
+                    if report.published > 0 {
+                        depth = (depth * 2).min(self.settings.in_flight_batches.max(1));
+                    }
+                    let flowing = report.full_batches > 0
+                        || report.published > 0
+                        || report.dead_lettered > 0
+                        || !window.is_empty();
                     let poll = self.settings.poll_interval;
                     let wait = if flowing {
                         Duration::ZERO
@@ -436,6 +595,7 @@ impl Relay {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = format!("{:#}", anyhow::Error::from(e)), "relay pass failed");
+                    self.abandon(&mut window).await;
                     failures += 1;
                     (self.settings.backoff.delay(failures), false)
                 }
@@ -445,9 +605,21 @@ impl Relay {
                     (self.settings.backoff.delay(failures), false)
                 }
             };
+            if !wake_on_commit {
+                depth = 1; // an outage, an open breaker or a failed pass
+            }
             if !self.idle(wait, wake_on_commit, &shutdown).await {
                 break;
             }
+        }
+        // The batches in flight finish: settled, or (database gone) left to be published again.
+        let mut report = PassReport::default();
+        if let Err(e) = self.settle_all(&mut window, &mut report).await {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(e)),
+                "could not settle the last batches"
+            );
+            self.abandon(&mut window).await;
         }
         self.publisher.flush(self.settings.publish_timeout).await;
         self.release().await;

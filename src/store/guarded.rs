@@ -128,8 +128,9 @@ impl OutboxStore for Guarded {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
+        in_flight: &[i64],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
-        idempotent!(self.fetch_due(partitions, per_partition, now))
+        idempotent!(self.fetch_due(partitions, per_partition, now, in_flight))
     }
     async fn settle(
         &self,

@@ -62,16 +62,20 @@ impl OutboxStore for SqliteStore {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
+        in_flight: &[i64],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         // The one relay owns every partition: one statement numbers each partition's heads.
+        // SQLite has no array parameters: the in-flight seqs travel as a JSON array.
         let sql = format!(
             "SELECT * FROM (
                 SELECT {OUTBOX_COLUMNS}, row_number() OVER (PARTITION BY partition ORDER BY seq) AS rank
-                FROM outbox o WHERE {}
+                FROM outbox o WHERE o.seq NOT IN (SELECT value FROM json_each($3)) AND {}
              ) WHERE rank <= $1 ORDER BY seq",
             due_head("$2")
         );
-        let rows = sqlx::query(&sql).bind(per_partition).bind(now).fetch_all(self.pool()).await?;
+        let in_flight = serde_json::to_string(in_flight).map_err(|e| StoreError::Other(e.into()))?;
+        let rows =
+            sqlx::query(&sql).bind(per_partition).bind(now).bind(in_flight).fetch_all(self.pool()).await?;
         let rows = rows.iter().map(Sql::decode_outbox).collect::<Result<Vec<_>, _>>()?;
         Ok(rows.into_iter().filter(|r| partitions.contains(&r.partition)).collect())
     }

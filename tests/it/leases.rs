@@ -210,7 +210,7 @@ async fn a_stale_relay_cannot_settle_rows_of_a_partition_that_moved_on() {
     let first_tenure = store.acquire_partitions(&a, PARTITIONS, ttl).await.expect("a").leases;
     pipeline.create(1).await;
     let all: Vec<i32> = (0..PARTITIONS).collect();
-    let rows = store.fetch_due(&all, 10, chrono::Utc::now()).await.expect("fetch");
+    let rows = store.fetch_due(&all, 10, chrono::Utc::now(), &[]).await.expect("fetch");
     assert_eq!(rows.len(), 1);
     let settle =
         |outcome: Settle| vec![Settlement { seq: rows[0].seq, partition: rows[0].partition, outcome }];
@@ -239,7 +239,11 @@ async fn a_stale_relay_cannot_settle_rows_of_a_partition_that_moved_on() {
         assert_eq!((settled.published, settled.retried, settled.dead_lettered), (0, 0, 0));
     }
     assert_eq!(pipeline.pending().await, 1, "the row is untouched");
-    assert_eq!(store.fetch_due(&all, 10, chrono::Utc::now()).await.expect("fetch").len(), 1, "and still due");
+    assert_eq!(
+        store.fetch_due(&all, 10, chrono::Utc::now(), &[]).await.expect("fetch").len(),
+        1,
+        "and still due"
+    );
     let settled = store.settle("relay-a", &second_tenure, &settle(Settle::Published)).await.expect("settle");
     assert_eq!(settled.published, 1, "the current tenure settles it");
 }
