@@ -68,6 +68,9 @@ pub struct Metrics {
     pub outbox_producer_rebuilds: IntCounterVec,
     /// Rows whose settlement the lease no longer covered.
     pub outbox_settle_fenced: IntCounter,
+    /// Events the broker acknowledged after an earlier event of their aggregate failed in
+    /// the same batch (the publisher's ordering contract broken); each is published again.
+    pub outbox_order_violations: IntCounter,
     /// Inbound messages by topic and result.
     pub inbox_messages: IntCounterVec,
     /// Time to handle one inbound message, retries included.
@@ -207,7 +210,11 @@ impl Metrics {
             "outbox_settle_fenced_total",
             "Outbox rows not settled because their partition lease had moved on",
         )?;
-        for metric in [&outbox_relay_passes, &outbox_settle_fenced] {
+        let outbox_order_violations = IntCounter::new(
+            "outbox_order_violations_total",
+            "Outbox events acknowledged after an earlier event of their aggregate failed in the same batch",
+        )?;
+        for metric in [&outbox_relay_passes, &outbox_settle_fenced, &outbox_order_violations] {
             registry.register(Box::new(metric.clone()))?;
         }
         registry.register(Box::new(outbox_relays_live.clone()))?;
@@ -367,6 +374,7 @@ impl Metrics {
             outbox_relay_passes,
             outbox_producer_rebuilds,
             outbox_settle_fenced,
+            outbox_order_violations,
             inbox_messages,
             inbox_processing,
             inbox_retries,

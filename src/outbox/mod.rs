@@ -88,8 +88,8 @@ pub struct NewOutboxEvent {
     pub created_at: DateTime<Utc>,
 }
 
-/// An outbox row as the relay reads it: always the oldest pending event of its aggregate,
-/// with its backoff elapsed.
+/// An outbox row as the relay reads it: due, and either the oldest pending event of its
+/// aggregate or preceded in the same fetch by every earlier one.
 #[derive(Debug, Clone)]
 pub struct OutboxRecord {
     /// Insertion order; per aggregate also commit order.
@@ -263,17 +263,17 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// fatal producer error), so others take over at once. A no-op for a process whose
     /// owner id another live process holds.
     async fn release_partitions(&self, relay: &RelayIdentity) -> Result<(), StoreError>;
-    /// In one statement, for each of `partitions`: up to `per_partition` rows, in `seq`
-    /// order, that are due at `now` and are the oldest pending event of their aggregate (no
-    /// earlier row of it in the outbox or the dead letters). Heads in backoff hold back
-    /// their own aggregate only. Rows whose `seq` is in `in_flight` (handed to the broker by
-    /// an earlier pass, not settled yet) are skipped; their successors are not heads yet.
+    /// In one statement, for each of `partitions`: the first `per_partition` rows in `seq`
+    /// order that are due at `now`, whose aggregate has no event in `in_flight` (aggregate
+    /// ids handed to the broker by earlier passes and not settled yet) and no earlier event
+    /// in backoff or in the dead letters. Per aggregate that is a run of consecutive events
+    /// starting at its oldest pending one; an aggregate in backoff holds back only itself.
     async fn fetch_due(
         &self,
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
-        in_flight: &[i64],
+        in_flight: &[String],
     ) -> Result<Vec<OutboxRecord>, StoreError>;
     /// Deletes, reschedules and dead-letters the rows of one pass in one statement, each
     /// only while `owner` still holds its partition with the epoch in `leases`.

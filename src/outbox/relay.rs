@@ -1,17 +1,22 @@
 //! The relay: publishes outbox rows of the partitions it leases, in `seq` order per
 //! aggregate, and deletes them only after the broker acknowledged them.
 //!
-//! A pass ([`Relay::pass`]) renews leases when due, fetches the due heads of every owned
-//! partition in one statement (at most one event per aggregate: its oldest), hands them to
-//! the producer as one batch and settles earlier batches in one statement each. Up to
-//! `in_flight_batches` batches are with the broker at once, so fetching and settling overlap
-//! the broker's round instead of waiting for it; a fetch skips the rows still in flight, and
-//! their successors are not heads until they are settled, so a later event of an aggregate
-//! is never handed over before an earlier one was acknowledged. [`Relay::relay_once`] is one
-//! pass with a window of one (fetch, publish, settle), the deterministic step tests drive.
+//! A pass ([`Relay::pass`]) renews leases when due, fetches the due rows of every owned
+//! partition in one statement, hands them to the producer as one batch and takes in the
+//! batches that landed. Each batch is published and then settled (one statement) by a task
+//! of its own, and up to `in_flight_batches` batches are out at once, so fetching, the
+//! broker's round and settling overlap instead of waiting for each other.
+//! [`Relay::relay_once`] is one pass with a window of one (fetch, publish, settle), the
+//! deterministic step tests drive.
 //!
-//! One event per aggregate per batch means a failure can never let a later event of the
-//! same aggregate overtake an earlier one:
+//! Order per aggregate: a fetch skips every aggregate with an event in flight, so an
+//! aggregate's later events are handed over only after its earlier ones were settled. Inside
+//! a batch an aggregate's consecutive events go out together, in order, to one Kafka
+//! partition (same key); the [`Publisher`] contract keeps them in order and delivers none
+//! after the first that failed. Settling follows the same rule: once an event of an
+//! aggregate failed, its later events in the batch are retried after it; one that was
+//! delivered anyway (the contract broken) is counted in `outbox_order_violations_total` and
+//! published again after its predecessor, so the last copy a consumer sees is in order.
 //! - retriable failure: the row gets an attempt, an error and a jittered next-attempt time;
 //!   its aggregate waits, other aggregates go on;
 //! - permanent failure: the row moves to `outbox_dead_letter`; its aggregate waits until it
@@ -29,7 +34,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, VecDeque},
+    collections::{BinaryHeap, HashSet, VecDeque},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
@@ -106,16 +111,27 @@ pub struct PassReport {
 
 /// A batch handed to the producer and not settled yet.
 struct Flight {
-    /// The rows, their payloads moved into the messages.
-    rows: Vec<OutboxRecord>,
-    /// One publish span per row.
-    spans: Vec<tracing::Span>,
-    /// The leases held when the batch was fetched: settling is fenced by their epochs.
-    leases: Vec<Lease>,
+    /// Its rows' aggregates: the next fetch skips them until the settle has committed.
+    aggregates: Vec<String>,
     /// The broker breaker's permit, answered once the acknowledgements are in.
     permit: Option<Permit>,
-    /// The producer's answers, one per row in order.
-    deliveries: tokio::task::JoinHandle<Vec<Result<(), PublishError>>>,
+    /// Publishes the batch, then settles it on its own connection, so settling one batch
+    /// overlaps fetching the next.
+    landing: tokio::task::JoinHandle<Result<Landed, StoreError>>,
+}
+
+/// What one batch came to once acknowledged and settled.
+#[derive(Debug, Default)]
+struct Landed {
+    published: usize,
+    retried: usize,
+    dead_lettered: usize,
+    /// Rows whose settlement the lease no longer covered.
+    fenced: usize,
+    /// The producer reported a fatal error.
+    fatal: bool,
+    /// When the rows that failed retriably come due again.
+    retries: Vec<Instant>,
 }
 
 /// Batches handed to the producer and not settled yet, oldest first. Owned by whoever
@@ -134,9 +150,12 @@ impl Window {
         self.0.is_empty()
     }
 
-    /// The seqs in flight, which the next fetch must skip.
-    fn seqs(&self) -> Vec<i64> {
-        self.0.iter().flat_map(|f| f.rows.iter().map(|r| r.seq)).collect()
+    /// The aggregates with an event in flight, which the next fetch must skip.
+    fn aggregates(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.0.iter().flat_map(|f| f.aggregates.iter().cloned()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }
 
@@ -260,7 +279,7 @@ impl Relay {
     /// owned partition, publish them all at once (one round of broker acknowledgements,
     /// however many partitions), then settle every row in one statement: delete, schedule a
     /// retry, or dead-letter. The deterministic step for tests.
-    pub async fn relay_once(&self) -> Result<PassReport, StoreError> {
+    pub async fn relay_once(self: &Arc<Self>) -> Result<PassReport, StoreError> {
         self.pass(&mut Window::default(), 1).await
     }
 
@@ -269,7 +288,7 @@ impl Relay {
     /// the oldest batches: while `depth` of them are in flight, and all of them once the
     /// backlog is caught up (no full batch) unless a commit wakes the relay first. A batch
     /// that got no acknowledgement, or a fatal producer error, settles the whole window.
-    pub async fn pass(&self, window: &mut Window, depth: usize) -> Result<PassReport, StoreError> {
+    pub async fn pass(self: &Arc<Self>, window: &mut Window, depth: usize) -> Result<PassReport, StoreError> {
         self.metrics.outbox_relay_passes.inc();
         let mut report = PassReport::default();
         let mut leases = self.leases.lock().await;
@@ -297,8 +316,10 @@ impl Relay {
             return Ok(report);
         }
         let fetched_at = Instant::now();
-        let rows =
-            self.store.fetch_due(&report.owned, self.settings.batch_size, Utc::now(), &window.seqs()).await?;
+        let rows = self
+            .store
+            .fetch_due(&report.owned, self.settings.batch_size, Utc::now(), &window.aggregates())
+            .await?;
         report.full_batches = report
             .owned
             .iter()
@@ -321,19 +342,19 @@ impl Relay {
         loop {
             let full = window.0.len() >= depth.max(1);
             let Some(oldest) = window.0.front_mut() else { break };
-            let results = if full {
-                (&mut oldest.deliveries).await
+            let landed = if full {
+                (&mut oldest.landing).await
             } else if report.full_batches > 0 {
                 break; // more is due: fetch the next batch while these are in flight
             } else {
-                // Caught up: settle as acknowledgements come, unless a commit comes first.
+                // Caught up: take batches as they land, unless a commit comes first.
                 tokio::select! {
-                    results = &mut oldest.deliveries => results,
+                    landed = &mut oldest.landing => landed,
                     () = self.wakeup.notified() => break,
                 }
             };
             let flight = window.0.pop_front().expect("the oldest flight was just seen");
-            self.settle(flight, results, &mut report).await?;
+            self.land(flight.permit, landed, &mut report).await?;
             if report.outage || report.fatal {
                 self.settle_all(window, &mut report).await?;
             }
@@ -357,50 +378,81 @@ impl Relay {
         Ok(report)
     }
 
-    /// Hands `rows` to the producer; the acknowledgements are collected by a task of their
-    /// own, so the relay can fetch the next batch meanwhile.
-    fn launch(&self, mut rows: Vec<OutboxRecord>, leases: Vec<Lease>, permit: Option<Permit>) -> Flight {
+    /// Hands `rows` to a task of their own that publishes them and settles them, so the
+    /// relay can fetch the next batch meanwhile.
+    fn launch(
+        self: &Arc<Self>,
+        mut rows: Vec<OutboxRecord>,
+        leases: Vec<Lease>,
+        permit: Option<Permit>,
+    ) -> Flight {
         let spans: Vec<tracing::Span> = rows
             .iter()
             .map(|r| telemetry::publish_span(&self.settings.topic, &r.message_id.to_string(), &r.trace))
             .collect();
         let messages = rows.iter_mut().zip(&spans).map(|(r, span)| self.message(r, span)).collect();
-        let publisher = self.publisher.clone();
-        let deliveries = tokio::spawn(async move { publisher.publish(messages).await });
-        Flight { rows, spans, leases, permit, deliveries }
+        let aggregates = rows.iter().map(|r| r.aggregate_id.clone()).collect();
+        let relay = self.clone();
+        let landing = tokio::spawn(async move {
+            let results = relay.publisher.publish(messages).await;
+            relay.settle(&rows, spans, results, &leases).await
+        });
+        Flight { aggregates, permit, landing }
     }
 
-    /// Settles every batch in flight, oldest first.
+    /// Waits for every batch in flight to land, oldest first; all of them are waited for
+    /// even if one failed to settle, so nothing is in flight afterwards.
     async fn settle_all(&self, window: &mut Window, report: &mut PassReport) -> Result<(), StoreError> {
+        let mut failed = None;
         while let Some(mut flight) = window.0.pop_front() {
-            let results = (&mut flight.deliveries).await;
-            self.settle(flight, results, report).await?;
+            let landed = (&mut flight.landing).await;
+            if let Err(e) = self.land(flight.permit, landed, report).await {
+                failed.get_or_insert(e);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
-    /// Settles one acknowledged batch in one statement and adds what happened to `report`.
+    /// Settles one acknowledged batch in one statement: delete, schedule a retry, or
+    /// dead-letter each row, fenced by the leases it was fetched under.
     async fn settle(
         &self,
-        flight: Flight,
-        results: Result<Vec<Result<(), PublishError>>, tokio::task::JoinError>,
-        report: &mut PassReport,
-    ) -> Result<(), StoreError> {
-        let Flight { rows, spans, leases, permit, .. } = flight;
-        let results = results.unwrap_or_else(|panicked| {
-            let error = PublishError::Retriable(format!("the publish task failed: {panicked}"));
-            vec![Err(error); rows.len()]
-        });
+        rows: &[OutboxRecord],
+        spans: Vec<tracing::Span>,
+        results: Vec<Result<(), PublishError>>,
+        leases: &[Lease],
+    ) -> Result<Landed, StoreError> {
         let now = Utc::now();
-        let (mut published, mut retries) = (0usize, Vec::new());
+        let mut landed = Landed::default();
         let mut settlements = Vec::with_capacity(rows.len());
+        // Aggregates with a failed event earlier in this batch: their later events follow it.
+        let mut failed: HashSet<&str> = HashSet::new();
         for ((row, result), span) in rows.iter().zip(results).zip(spans) {
             if let Err(e) = &result {
                 telemetry::failed(&span, e.kind());
             }
+            let result = match result {
+                Ok(()) if failed.contains(row.aggregate_id.as_str()) => {
+                    self.metrics.outbox_order_violations.inc();
+                    tracing::error!(seq = row.seq, aggregate_id = %row.aggregate_id,
+                        "delivered after an earlier event of its aggregate failed; publishing it again after that one");
+                    Err(PublishError::Retriable("an earlier event of this aggregate failed".into()))
+                }
+                // Dead-lettered only in its own turn, once its predecessor is settled.
+                Err(PublishError::Permanent(reason)) if failed.contains(row.aggregate_id.as_str()) => {
+                    Err(PublishError::Retriable(format!(
+                        "an earlier event of this aggregate failed; then: {reason}"
+                    )))
+                }
+                Err(e) => {
+                    failed.insert(row.aggregate_id.as_str());
+                    Err(e)
+                }
+                ok => ok,
+            };
             let outcome = match result {
                 Ok(()) => {
-                    published += 1;
+                    landed.published += 1;
                     let latency = (now - row.created_at).to_std().unwrap_or_default();
                     self.metrics.outbox_publish_latency.observe(latency.as_secs_f64());
                     Settle::Published
@@ -411,10 +463,10 @@ impl Relay {
                     Settle::DeadLetter { error: reason }
                 }
                 Err(e @ (PublishError::Retriable(_) | PublishError::Fatal(_))) => {
-                    report.fatal |= matches!(e, PublishError::Fatal(_));
+                    landed.fatal |= matches!(e, PublishError::Fatal(_));
                     self.metrics.outbox_publish_errors.with_label_values(&[e.kind()]).inc();
                     let retry_in = self.settings.backoff.delay(row.attempts.max(0) as u32);
-                    retries.push(Reverse(Instant::now() + retry_in));
+                    landed.retries.push(Instant::now() + retry_in);
                     tracing::debug!(seq = row.seq, attempts = row.attempts + 1, ?retry_in, error = %e, "publish failed; will retry");
                     let next_attempt_at = now + chrono::Duration::from_std(retry_in).unwrap_or_default();
                     Settle::Retry { error: e.to_string(), next_attempt_at }
@@ -422,52 +474,59 @@ impl Relay {
             };
             settlements.push(Settlement { seq: row.seq, partition: row.partition, outcome });
         }
-        let settled = self.store.settle(&self.identity.owner, &leases, &settlements).await?;
-        let fenced =
+        let settled = self.store.settle(&self.identity.owner, leases, &settlements).await?;
+        landed.retried = settled.retried as usize;
+        landed.dead_lettered = settled.dead_lettered as usize;
+        landed.fenced =
             settlements.len() - (settled.published + settled.retried + settled.dead_lettered) as usize;
-        let outage = published == 0 && settled.dead_lettered == 0;
-        report.published += published;
-        report.retried += settled.retried as usize;
-        report.dead_lettered += settled.dead_lettered as usize;
-        report.fenced += fenced;
+        Ok(landed)
+    }
+
+    /// Takes a landed batch into `report`, the breaker, the retry schedule and the metrics.
+    async fn land(
+        &self,
+        permit: Option<Permit>,
+        landed: Result<Result<Landed, StoreError>, tokio::task::JoinError>,
+        report: &mut PassReport,
+    ) -> Result<(), StoreError> {
+        let landed = match landed {
+            Ok(landed) => landed?,
+            Err(panicked) => {
+                // Unsettled: its rows are published again later.
+                return Err(StoreError::Other(anyhow::anyhow!("a publish task failed: {panicked}")));
+            }
+        };
+        let outage = landed.published == 0 && landed.dead_lettered == 0;
+        report.published += landed.published;
+        report.retried += landed.retried;
+        report.dead_lettered += landed.dead_lettered;
+        report.fenced += landed.fenced;
+        report.fatal |= landed.fatal;
         report.outage |= outage;
         match permit {
             Some(permit) if outage => permit.failure(),
             Some(permit) => permit.success(),
             None => {}
         }
-        self.metrics.outbox_published.inc_by(published as u64);
+        self.metrics.outbox_published.inc_by(landed.published as u64);
         let mut leases = self.leases.lock().await;
-        leases.retries.extend(retries);
-        if settled.retried > 0 {
-            tracing::warn!(failed = settled.retried, published, "publish failures; retrying with backoff");
-        }
-        if fenced > 0 {
-            self.metrics.outbox_settle_fenced.inc_by(fenced as u64);
+        leases.retries.extend(landed.retries.into_iter().map(Reverse));
+        if landed.retried > 0 {
             tracing::warn!(
-                rows = fenced,
+                failed = landed.retried,
+                published = landed.published,
+                "publish failures; retrying with backoff"
+            );
+        }
+        if landed.fenced > 0 {
+            self.metrics.outbox_settle_fenced.inc_by(landed.fenced as u64);
+            tracing::warn!(
+                rows = landed.fenced,
                 "lease moved on during publish; the new owner republishes (consumers dedupe by ce_id)"
             );
             leases.renewed_at = None;
         }
         Ok(())
-    }
-
-    /// Waits for the acknowledgements of every batch in flight without settling them (the
-    /// database failed): their rows stay in the outbox and are published again later. Once
-    /// nothing is in flight, leases may change hands safely.
-    async fn abandon(&self, window: &mut Window) {
-        let mut rows = 0;
-        while let Some(flight) = window.0.pop_front() {
-            rows += flight.rows.len();
-            let _ = flight.deliveries.await;
-        }
-        if rows > 0 {
-            tracing::warn!(
-                rows,
-                "batches in flight left unsettled after a failed pass; they will be published again"
-            );
-        }
     }
 
     /// A fatal producer error: let other replicas take the partitions while this one
@@ -595,7 +654,8 @@ impl Relay {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = format!("{:#}", anyhow::Error::from(e)), "relay pass failed");
-                    self.abandon(&mut window).await;
+                    // Nothing may stay in flight while leases are renewed during the backoff.
+                    let _ = self.settle_all(&mut window, &mut PassReport::default()).await;
                     failures += 1;
                     (self.settings.backoff.delay(failures), false)
                 }
@@ -613,13 +673,11 @@ impl Relay {
             }
         }
         // The batches in flight finish: settled, or (database gone) left to be published again.
-        let mut report = PassReport::default();
-        if let Err(e) = self.settle_all(&mut window, &mut report).await {
+        if let Err(e) = self.settle_all(&mut window, &mut PassReport::default()).await {
             tracing::warn!(
                 error = format!("{:#}", anyhow::Error::from(e)),
                 "could not settle the last batches"
             );
-            self.abandon(&mut window).await;
         }
         self.publisher.flush(self.settings.publish_timeout).await;
         self.release().await;

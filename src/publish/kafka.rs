@@ -1,6 +1,12 @@
 //! Kafka adapter (rdkafka, bundled librdkafka): an idempotent producer (`acks=all`,
 //! `enable.idempotence=true`), so librdkafka's own retries never duplicate or reorder
-//! messages within a partition.
+//! messages within a partition, with `enable.gapless.guarantee=true`, so a batch the broker
+//! rejects cannot leave a gap that later messages of the same partition skip over (the
+//! producer fails fatally instead and is rebuilt). A message refused before it was sent
+//! holds back the later messages of its key in the same batch. Together that is the
+//! [`Publisher`] contract, except for one case librdkafka does not cover: a message timing
+//! out in the queue just before a later one of its key is delivered (the relay counts it
+//! in `outbox_order_violations_total` and republishes the later one).
 
 use std::{sync::RwLock, time::Duration};
 
@@ -199,6 +205,7 @@ impl KafkaPublisher {
         let mut config = settings.client_config();
         config
             .set("enable.idempotence", "true")
+            .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", settings.message_timeout.as_millis().to_string())
@@ -255,14 +262,23 @@ impl Publisher for KafkaPublisher {
         // Enqueue everything first so the batch is in flight concurrently, then collect
         // the acknowledgements in order.
         let mut pending = Vec::with_capacity(messages.len());
+        let mut refused = std::collections::HashSet::new();
         for m in &messages {
+            if refused.contains(&m.key) {
+                pending.push(Err(super::held_back()));
+                continue;
+            }
             let headers =
                 m.headers.iter().fold(OwnedHeaders::new_with_capacity(m.headers.len()), |h, (k, v)| {
                     h.insert(Header { key: k.as_str(), value: Some(v.as_bytes()) })
                 });
             let record =
                 FutureRecord::to(&m.topic).key(m.key.as_bytes()).payload(&m.payload).headers(headers);
-            pending.push(producer.send_result(record).map_err(|(e, _)| classify(&e)));
+            let sent = producer.send_result(record).map_err(|(e, _)| classify(&e));
+            if sent.is_err() {
+                refused.insert(m.key.clone());
+            }
+            pending.push(sent);
         }
         let mut results = Vec::with_capacity(pending.len());
         for delivery in pending {

@@ -71,10 +71,16 @@ impl Publisher for InMemoryBus {
                 .map(|_| Err(PublishError::Retriable("bus lock poisoned".into())))
                 .collect();
         };
+        // Keys whose message failed: nothing after it with that key is delivered.
+        let mut failed = std::collections::HashSet::new();
         messages
             .into_iter()
             .map(|m| {
+                if failed.contains(&m.key) {
+                    return Err(super::held_back());
+                }
                 if m.payload.len() > self.max_message_bytes {
+                    failed.insert(m.key);
                     return Err(PublishError::Permanent(format!(
                         "message of {} bytes exceeds the bus limit of {} bytes",
                         m.payload.len(),
@@ -117,12 +123,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keeps_order_and_rejects_oversize_messages_for_good() {
+    async fn keeps_order_rejects_oversize_messages_for_good_and_holds_back_their_key() {
         let bus = InMemoryBus::new(10);
-        let results = bus.publish(vec![message(1), message(11), message(10)]).await;
+        let other = OutboundMessage { key: "other".into(), ..message(2) };
+        let results = bus.publish(vec![message(1), message(11), message(10), other]).await;
+        assert!(results[0].is_ok());
         assert!(matches!(results[1], Err(PublishError::Permanent(_))));
-        assert!(results[0].is_ok() && results[2].is_ok());
-        let offsets: Vec<u64> = bus.records("t").iter().map(|r| r.offset).collect();
-        assert_eq!(offsets, [0, 1]);
+        assert!(matches!(results[2], Err(PublishError::Retriable(_))), "held back behind its key's failure");
+        assert!(results[3].is_ok(), "other keys go on");
+        let keys: Vec<String> = bus.records("t").into_iter().map(|r| r.key).collect();
+        assert_eq!(keys, ["k", "other"]);
     }
 }

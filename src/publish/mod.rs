@@ -56,7 +56,10 @@ impl PublishError {
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes a batch concurrently; the result for each message, in input order, arrives
-    /// only once the broker acknowledged (or definitively failed) it.
+    /// only once the broker acknowledged (or definitively failed) it. Messages with the same
+    /// key are delivered in input order, and once one of them fails none after it in the
+    /// batch is delivered (they fail too): the relay sends an aggregate's consecutive events
+    /// in one batch and relies on this to keep them in order.
     async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>>;
     /// Waits for anything still in flight (graceful shutdown).
     async fn flush(&self, timeout: Duration);
@@ -64,4 +67,9 @@ pub trait Publisher: Send + Sync + 'static {
     async fn recover(&self) -> anyhow::Result<()> {
         Ok(())
     }
+}
+
+/// The error for a message not sent because an earlier one with its key failed.
+pub(crate) fn held_back() -> PublishError {
+    PublishError::Retriable("not sent: an earlier message with the same key failed".into())
 }

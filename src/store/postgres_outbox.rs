@@ -47,18 +47,18 @@ pub(super) fn fair_share(partitions: i32, live: usize, index: usize) -> usize {
 /// behind PgBouncer in transaction mode; one simple-protocol round trip with the `BEGIN`.
 pub const FETCH_DUE_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_sort = off";
 
-/// The relay's fetch: the first `$2` due heads (`$3` = now) of each partition in `$1` that
-/// are not in flight (`$4`, the seqs of earlier passes not settled yet), built once (every
-/// pass runs it). `NOT IN (SELECT unnest(…))` is planned as one hashed subplan per
-/// statement, so skipping a window of in-flight rows costs a hash probe each, not a scan of
-/// the array. Public so tests can `EXPLAIN` exactly what the relay runs.
+/// The relay's fetch: the first `$2` due rows (`$3` = now) of each partition in `$1` whose
+/// aggregate has no event in flight (`$4`, the aggregate ids of earlier passes' batches not
+/// settled yet), built once (every pass runs it). `NOT IN (SELECT unnest(…))` is planned as
+/// one hashed subplan per statement: a hash probe per row, not a scan of the array. Public
+/// so tests can `EXPLAIN` exactly what the relay runs.
 pub fn fetch_due_sql() -> &'static str {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "SELECT o.* FROM unnest($1::int[]) AS p(partition)
              CROSS JOIN LATERAL (
                 SELECT {OUTBOX_COLUMNS} FROM outbox o
-                WHERE o.partition = p.partition AND o.seq NOT IN (SELECT unnest($4::bigint[])) AND {}
+                WHERE o.partition = p.partition AND o.aggregate_id NOT IN (SELECT unnest($4::text[])) AND {}
                 ORDER BY o.seq LIMIT $2
              ) o",
             due_head("$3")
@@ -292,7 +292,7 @@ impl OutboxStore for PostgresStore {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
-        in_flight: &[i64],
+        in_flight: &[String],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         let mut tx = self.begin_shielded_with(FETCH_DUE_BEGIN.to_owned()).await?;
         let rows = sqlx::query(fetch_due_sql())

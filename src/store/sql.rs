@@ -36,13 +36,17 @@ pub(super) const OUTBOX_COLUMNS: &str = "seq, partition, message_id, aggregate_t
                                          payload, traceparent, tracestate, created_at, attempts";
 
 /// The relay's fetch condition on an outbox row `o`, with the relay's clock as parameter
-/// `now`: its backoff has elapsed and it is the oldest pending event of its aggregate
-/// (nothing earlier waits in the outbox or the dead letters). Both probes use
-/// `(aggregate_type, aggregate_id, seq)` indexes.
+/// `now`. A fetch reads each partition in `seq` order and keeps the rows for which this
+/// holds: the row is due (never attempted, or its backoff has elapsed: a fresh row is due
+/// whatever the writer's clock said) and no earlier event of its aggregate is in backoff or
+/// dead-lettered. Every other earlier event of the aggregate is due too, so it precedes the
+/// row in the same read (the relay also skips aggregates with an event in flight): what a
+/// fetch returns per aggregate is a run of consecutive events starting at its oldest. Both
+/// probes use indexes that are empty while the broker is healthy (`attempts > 0`, dead letters).
 pub(super) fn due_head(now: &str) -> String {
     format!(
-        "o.next_attempt_at <= {now}
-         AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_type = o.aggregate_type
+        "(o.attempts = 0 OR o.next_attempt_at <= {now})
+         AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.attempts > 0 AND e.aggregate_type = o.aggregate_type
                          AND e.aggregate_id = o.aggregate_id AND e.seq < o.seq)
          AND NOT EXISTS (SELECT 1 FROM outbox_dead_letter d WHERE d.aggregate_type = o.aggregate_type
                          AND d.aggregate_id = o.aggregate_id AND d.seq < o.seq)"

@@ -62,14 +62,14 @@ impl OutboxStore for SqliteStore {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
-        in_flight: &[i64],
+        in_flight: &[String],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
-        // The one relay owns every partition: one statement numbers each partition's heads.
-        // SQLite has no array parameters: the in-flight seqs travel as a JSON array.
+        // The one relay owns every partition: one statement numbers each partition's rows.
+        // SQLite has no array parameters: the in-flight aggregate ids travel as a JSON array.
         let sql = format!(
             "SELECT * FROM (
                 SELECT {OUTBOX_COLUMNS}, row_number() OVER (PARTITION BY partition ORDER BY seq) AS rank
-                FROM outbox o WHERE o.seq NOT IN (SELECT value FROM json_each($3)) AND {}
+                FROM outbox o WHERE o.aggregate_id NOT IN (SELECT value FROM json_each($3)) AND {}
              ) WHERE rank <= $1 ORDER BY seq",
             due_head("$2")
         );

@@ -18,8 +18,8 @@ use orders_service::{
     metrics::Metrics,
     orders::Orders,
     outbox::{
-        DeadLetter, Lease, Membership, OutboxRecord, OutboxStats, OutboxStore, RelayIdentity, Settled,
-        Settlement, TraceContext, Wakeup,
+        DeadLetter, Lease, Membership, OutboxRecord, OutboxStats, OutboxStore, RelayIdentity, Settle,
+        Settled, Settlement, TraceContext, Wakeup,
         relay::{Relay, RelaySettings},
     },
     pb::orders::events::v1::{OrderCancelled, OrderCreated},
@@ -91,8 +91,13 @@ struct SizeLimit {
 impl Publisher for SizeLimit {
     async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>> {
         let mut results = Vec::new();
+        // The publisher contract: after a key's failure, nothing later with that key is sent.
+        let mut failed_keys = std::collections::HashSet::new();
         for message in messages {
-            if message.payload.len() > self.max_message_bytes {
+            if failed_keys.contains(&message.key) {
+                results.push(Err(PublishError::Retriable("held back behind its key".into())));
+            } else if message.payload.len() > self.max_message_bytes {
+                failed_keys.insert(message.key.clone());
                 results.push(Err(PublishError::Permanent("message too large".into())));
             } else {
                 results.extend(self.inner.publish(vec![message]).await);
@@ -166,7 +171,7 @@ impl Pipeline {
     }
 
     /// Runs passes until the outbox is empty (bounded by 60 s).
-    pub async fn drain(&self, relay: &Relay) {
+    pub async fn drain(&self, relay: &Arc<Relay>) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while self.pending().await > 0 {
             assert!(
@@ -297,11 +302,19 @@ pub struct FailFirstAttempt {
     inner: Arc<dyn Publisher>,
     ce_type: &'static str,
     failed: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Keep the publisher contract (hold back a failed key's later messages); `false`
+    /// delivers them anyway, as a broken publisher would.
+    contract: bool,
 }
 
 impl FailFirstAttempt {
     pub fn new(inner: Arc<dyn Publisher>, ce_type: &'static str) -> Self {
-        Self { inner, ce_type, failed: Default::default() }
+        Self { inner, ce_type, failed: Default::default(), contract: true }
+    }
+
+    /// The same, delivering a failed key's later messages anyway.
+    pub fn breaking_order(inner: Arc<dyn Publisher>, ce_type: &'static str) -> Self {
+        Self { contract: false, ..Self::new(inner, ce_type) }
     }
 
     /// How many distinct messages were failed.
@@ -315,12 +328,17 @@ impl Publisher for FailFirstAttempt {
     async fn publish(&self, messages: Vec<OutboundMessage>) -> Vec<Result<(), PublishError>> {
         let mut verdicts = Vec::new();
         let mut passed = Vec::new();
+        // The publisher contract: after a key's failure, nothing later with that key is sent.
+        let mut failed_keys = std::collections::HashSet::new();
         for message in messages {
             let ce = |name: &str| message.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-            let first = ce("ce_type").as_deref() == Some(self.ce_type)
-                && self.failed.lock().expect("lock").insert(ce("ce_id").unwrap_or_default());
+            let first = self.contract && failed_keys.contains(&message.key)
+                || ce("ce_type").as_deref() == Some(self.ce_type)
+                    && self.failed.lock().expect("lock").insert(ce("ce_id").unwrap_or_default());
             verdicts.push(first);
-            if !first {
+            if first {
+                failed_keys.insert(message.key.clone());
+            } else {
                 passed.push(message);
             }
         }
@@ -382,7 +400,7 @@ impl OutboxStore for Instrumented {
         p: &[i32],
         n: i64,
         now: DateTime<Utc>,
-        in_flight: &[i64],
+        in_flight: &[String],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         self.count();
         self.inner.fetch_due(p, n, now, in_flight).await
@@ -591,6 +609,86 @@ async fn a_pipelined_relay_publishes_a_backlog_once_and_in_order(backend: Backen
     }
 }
 
+/// An order's create and cancel, both pending, go out in one pass, in order.
+async fn an_aggregates_consecutive_events_go_out_in_one_pass_in_order(backend: Backend, sink: Sink) {
+    let pipeline = Pipeline::new(backend).await;
+    let order = pipeline.create(1).await;
+    pipeline.orders.cancel(order.id, &TraceContext::default()).await.expect("cancel");
+    let relay = pipeline.relay_to("relay-runs", &sink);
+    assert_eq!(relay.relay_once().await.expect("pass").published, 2, "both events in one pass");
+    let types: Vec<String> = sink.read(2).await.iter().map(|r| header(r, "ce_type").to_owned()).collect();
+    assert_eq!(types, ["orders.events.v1.OrderCreated", "orders.events.v1.OrderCancelled"]);
+}
+
+/// A publisher that delivers a later event of an aggregate after an earlier one failed in
+/// the same batch breaks the order; the relay counts it and publishes the later event
+/// again after the earlier one, so the last copy a consumer sees is in order.
+async fn a_publisher_breaking_the_order_is_counted_and_repaired(backend: Backend, sink: Sink) {
+    let pipeline = Pipeline::new(backend).await;
+    let order = pipeline.create(1).await;
+    pipeline.orders.cancel(order.id, &TraceContext::default()).await.expect("cancel");
+    let broken =
+        Arc::new(FailFirstAttempt::breaking_order(sink.publisher.clone(), "orders.events.v1.OrderCreated"));
+    let relay =
+        pipeline.relay("relay-broken", pipeline.store.clone(), broken, &sink.topic, Duration::from_secs(10));
+    let report = relay.relay_once().await.expect("pass");
+    assert_eq!((report.published, report.retried), (0, 2), "the cancel waits for its create");
+    assert_eq!(pipeline.metrics.outbox_order_violations.get(), 1);
+    pipeline.drain(&relay).await;
+    let types: Vec<String> = sink.read(3).await.iter().map(|r| header(r, "ce_type").to_owned()).collect();
+    assert_eq!(
+        types,
+        [
+            "orders.events.v1.OrderCancelled",
+            "orders.events.v1.OrderCreated",
+            "orders.events.v1.OrderCancelled"
+        ],
+        "the stray cancel is followed by the create and the cancel again"
+    );
+}
+
+/// An event in backoff holds back the later events of its aggregate, even fresh ones that
+/// are due, and nothing else.
+async fn an_event_in_backoff_holds_back_its_aggregate_only(backend: Backend, _sink: Sink) {
+    let pipeline = Pipeline::new(backend).await;
+    let store = pipeline.store.clone();
+    let me = RelayIdentity { owner: "relay-backoff".into(), instance: uuid::Uuid::new_v4() };
+    let leases =
+        store.acquire_partitions(&me, PARTITIONS, Duration::from_secs(30)).await.expect("leases").leases;
+    let all: Vec<i32> = (0..PARTITIONS).collect();
+    let (a, b) = (pipeline.create(1).await, pipeline.create(1).await);
+    let heads = store.fetch_due(&all, 10, Utc::now(), &[]).await.expect("fetch");
+    let seq_of = |id: &str| heads.iter().find(|r| r.aggregate_id == id).expect("fetched").seq;
+    let (a1, b1) = (seq_of(&a.id.to_string()), seq_of(&b.id.to_string()));
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let settle = |seq: i64, outcome: Settle| Settlement {
+        seq,
+        partition: heads.iter().find(|r| r.seq == seq).expect("row").partition,
+        outcome,
+    };
+    store
+        .settle(
+            &me.owner,
+            &leases,
+            &[
+                settle(a1, Settle::Retry { error: "down".into(), next_attempt_at: later }),
+                settle(b1, Settle::Published),
+            ],
+        )
+        .await
+        .expect("settle");
+    pipeline.orders.cancel(a.id, &TraceContext::default()).await.expect("cancel"); // fresh and due
+    let c = pipeline.create(1).await;
+    let due: Vec<String> = store
+        .fetch_due(&all, 10, Utc::now(), &[])
+        .await
+        .expect("fetch")
+        .into_iter()
+        .map(|r| r.aggregate_id)
+        .collect();
+    assert_eq!(due, [c.id.to_string()], "A's cancel waits behind its create in backoff; C goes on");
+}
+
 /// Instantiates each scenario for PostgreSQL + Kafka and for SQLite + the in-process bus.
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
@@ -610,6 +708,9 @@ on_both_backends!(
     a_relay_that_dies_before_deleting_is_followed_by_a_republish,
     a_poison_event_is_dead_lettered_others_flow_and_replay_publishes_it,
     a_pipelined_relay_publishes_a_backlog_once_and_in_order,
+    an_aggregates_consecutive_events_go_out_in_one_pass_in_order,
+    a_publisher_breaking_the_order_is_counted_and_repaired,
+    an_event_in_backoff_holds_back_its_aggregate_only,
 );
 
 #[tokio::test]
@@ -711,12 +812,15 @@ async fn the_relay_fetch_reads_only_the_heads_it_returns_even_with_stale_statist
     let (partitions, per_partition): (Vec<i32>, i64) = ((0..16).collect(), 100);
     let fetched = pipeline.store.fetch_due(&partitions, per_partition, Utc::now(), &[]).await.expect("fetch");
     assert_eq!(fetched.len(), 1600, "the first 100 heads of each of 16 partitions");
-    // The next pass, with those 1,600 still in flight, gets the next 1,600 heads.
-    let in_flight: Vec<i64> = fetched.iter().map(|r| r.seq).collect();
+    // The next pass, with those 1,600 aggregates still in flight, gets the next 1,600 heads.
+    let in_flight: Vec<String> = fetched.iter().map(|r| r.aggregate_id.clone()).collect();
     let next =
         pipeline.store.fetch_due(&partitions, per_partition, Utc::now(), &in_flight).await.expect("next");
     assert_eq!(next.len(), 1600, "the next 100 heads of each partition");
-    assert!(next.iter().all(|r| !in_flight.contains(&r.seq)), "a row in flight was fetched again");
+    assert!(
+        next.iter().all(|r| !in_flight.contains(&r.aggregate_id)),
+        "an aggregate in flight was fetched again"
+    );
 
     // The same transaction and statement, explained, for both passes.
     for (pass, skipped) in [("first", Vec::new()), ("next", in_flight)] {
