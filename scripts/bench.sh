@@ -28,6 +28,7 @@ else
   build_deps
 fi
 command -v pgbench >/dev/null || die "pgbench comes with PostgreSQL's server package (scripts/services.sh)"
+[ -x /usr/bin/time ] || apt_install time # CPU of the load generators (GNU time)
 BROKERS="${TEST_KAFKA_BROKERS:-127.0.0.1:9092}"
 REDIS="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
@@ -47,11 +48,26 @@ APP_DATABASE__URL="$DB_URL" "$BIN" migrate >/dev/null
 RUN_ID="$(date +%s)-$$"
 ADMIN=http://127.0.0.1:19090
 
-tps() { # tps FILE: "TPS p99-ms" of pgbench at $CLIENTS clients (p99 from its per-transaction log)
-  local logs tps
+# Where the CPU goes (the two cores are shared by everything): clock ticks (1/100 s) of
+# every process named COMM, exited children included (a backend's time moves to the
+# postmaster when it exits). The load generators are timed with GNU time instead.
+ticks() { # ticks COMM...
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v names=" $* " '
+    index(names, " " substr($2, 2, length($2) - 2) " ") { t += $14 + $15 + $16 + $17 } END { print t + 0 }'
+}
+timed_ticks() { awk '{ printf "%d", ($1 + $2) * 100 }' "$1"; } # ticks from a `time -f "%U %S"` file
+per() { awk -v t="$1" -v n="$2" 'BEGIN { if (n > 0) printf "%.3f", t * 10 / n; else print "n/a" }'; } # ms per unit
+
+tps() { # tps FILE: "TPS p99-ms" of pgbench at $CLIENTS clients (p99 from its per-transaction log);
+  # sets pg_cpu (postgres ms per transaction) and bench_cpu (pgbench's own ms per transaction)
+  local logs out pg0
   logs="$(mktemp -d)"
-  tps="$(cd "$logs" && pgbench -n -c "$CLIENTS" -j 2 -T "$SECS" -l -f "$ROOT/$1" "$DB_URL" 2>/dev/null | awk '/^tps/ {print int($3)}')"
-  printf '%s %s\n' "$tps" "$(cat "$logs"/pgbench_log.* | awk '{print $3}' | sort -n | awk '{v[NR]=$1} END {printf "%.1f", v[int(NR*0.99)]/1000}')"
+  pg0="$(ticks postgres)"
+  out="$(cd "$logs" && /usr/bin/time -f '%U %S' -o "$logs/time" pgbench -n -c "$CLIENTS" -j 2 -T "$SECS" -l -f "$ROOT/$1" "$DB_URL" 2>/dev/null)"
+  local n; n="$(printf '%s\n' "$out" | awk -F': ' '/actually processed/ {print $2}')"
+  pg_cpu="$(per $(($(ticks postgres) - pg0)) "$n")" bench_cpu="$(per "$(timed_ticks "$logs/time")" "$n")"
+  printf '%s %s\n' "$(printf '%s\n' "$out" | awk '/^tps/ {print int($3)}')" \
+    "$(cat "$logs"/pgbench_log.* | awk '{print $3}' | sort -n | awk '{v[NR]=$1} END {printf "%.1f", v[int(NR*0.99)]/1000}')"
   rm -rf "$logs"
 }
 first_line() { local out; out="$("$@")" || return; printf '%s\n' "${out%%$'\n'*}"; }
@@ -90,11 +106,13 @@ check_creates() {
 fresh() { psql "$DB_URL" -qc "TRUNCATE orders, outbox"; }
 
 log "pgbench (before): the minimal create transaction, $CLIENTS clients, ${SECS}s"
-read -r pg_before _ <<<"$(tps bench/order_outbox.sql)"
+tps bench/order_outbox.sql >"$ORDERS_CACHE/bench-pgbench.txt"
+read -r pg_before _ <"$ORDERS_CACHE/bench-pgbench.txt"
+ceiling_cpu="postgres $pg_cpu + pgbench $bench_cpu" ceiling_total="$(awk -v a="$pg_cpu" -v b="$bench_cpu" 'BEGIN {printf "%.3f", a + b}')"
 notify="$(tps bench/order_outbox_notify.sql | cut -d' ' -f1)"
 fresh
 
-declare -A rate p50 p99 errors
+declare -A rate p50 p99 errors cpu cpu_total
 for mode in rest-create grpc-create; do
   topic="orders.events.bench-$RUN_ID-$mode"
   serve api,relay,consumer "$topic"
@@ -102,13 +120,21 @@ for mode in rest-create grpc-create; do
   target=http://127.0.0.1:18080
   [ "$mode" = grpc-create ] && target=http://127.0.0.1:15051
   log "P1 $mode: $CLIENTS connections, ${WARMUP}s warm-up, ${SECS}s measured"
-  "$LOADGEN" "$mode" --target="$target" --concurrency="$CLIENTS" --warmup="$WARMUP" --duration="$SECS" \
+  read -r pg0 svc0 redis0 broker0 <<<"$(ticks postgres) $(ticks orders-service) $(ticks redis-server) $(ticks tansu)"
+  /usr/bin/time -f '%U %S' -o "$ORDERS_CACHE/bench-$mode.time" \
+    "$LOADGEN" "$mode" --target="$target" --concurrency="$CLIENTS" --warmup="$WARMUP" --duration="$SECS" \
     >"$ORDERS_CACHE/bench-$mode.txt" &
   lg=$!
   sleep "$((WARMUP + SECS - 1))"
   [ "$mode" = rest-create ] && load_rss="$(rss_kib "$pid")"
   wait "$lg"
   line="$(head -1 "$ORDERS_CACHE/bench-$mode.txt")"
+  n="$(json created_total "$line")"
+  c_svc="$(per $(($(ticks orders-service) - svc0)) "$n")" c_pg="$(per $(($(ticks postgres) - pg0)) "$n")"
+  c_lg="$(per "$(timed_ticks "$ORDERS_CACHE/bench-$mode.time")" "$n")"
+  c_redis="$(per $(($(ticks redis-server) - redis0)) "$n")" c_broker="$(per $(($(ticks tansu) - broker0)) "$n")"
+  cpu[$mode]="service $c_svc + postgres $c_pg + loadgen $c_lg + Redis $c_redis + broker $c_broker"
+  cpu_total[$mode]="$(awk -v a="$c_svc" -v b="$c_pg" -v c="$c_lg" -v d="$c_redis" -v e="$c_broker" 'BEGIN {printf "%.3f", a+b+c+d+e}')"
   rate[$mode]="$(json per_second "$line")" p50[$mode]="$(json p50_ms "$line")"
   p99[$mode]="$(json p99_ms "$line")" errors[$mode]="$(json errors "$line")"
   check_creates "$topic" "$(json created_total "$line")"
@@ -193,6 +219,10 @@ for mode in rest-create grpc-create; do
   printf '| P1 %s, %s connections | %.0f req/s, p50 %s ms, p99 %s ms, %s errors | pgbench %s tps (before %s, after %s), p99 %s ms | **%s** | ≥ 0.85, p99 ≤ 2 × pgbench |\n' \
     "$mode" "$CLIENTS" "${rate[$mode]}" "${p50[$mode]}" "${p99[$mode]}" "${errors[$mode]}" "$pg_tps" "$pg_before" "$pg_after" \
     "$pg_after_p99" "$(ratio "${rate[$mode]}" "$pg_tps")"
+done
+for mode in rest-create grpc-create; do
+  printf '| CPU per create, P1 %s (ms; both cores are shared) | %s = %s | pgbench per transaction: %s = %s | **%s** | the P1 ratio when CPU is the limit |\n' \
+    "$mode" "${cpu[$mode]}" "${cpu_total[$mode]}" "$ceiling_cpu" "$ceiling_total" "$(ratio "$ceiling_total" "${cpu_total[$mode]}")"
 done
 printf '| P2 relay drain, %s rows over %s keys, 100 B | %s ev/s, order and count verified | raw produce %.0f msg/s | **%s** | ≥ 0.80 |\n' \
   "$DRAIN_ROWS" "$DRAIN_KEYS" "$drain_rate" "$raw_rate" "$(ratio "$drain_rate" "$raw_rate")"
