@@ -316,11 +316,19 @@ fn assigned(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
         .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
-    if partitions == 0 {
-        bail!("topic {topic} has no partitions (does it exist?)");
-    }
+    // A topic the service has just created can take a moment to show up in the metadata.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let partitions = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        if partitions > 0 {
+            break partitions;
+        }
+        if Instant::now() >= deadline {
+            bail!("topic {topic} has no partitions after 10 s (does it exist?)");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let mut assignment = TopicPartitionList::new();
     for p in 0..i32::try_from(partitions)? {
         assignment.add_partition_offset(topic, p, Offset::Beginning)?;

@@ -232,6 +232,12 @@ impl KafkaInbox {
             let queued = worker.queued.fetch_add(1, Ordering::AcqRel) + 1;
             if queued >= PAUSE_AT {
                 set_paused(&self.consumer, &key, true);
+                // The worker may have drained its queue between the count and the pause,
+                // past the point where it resumes: look again, or the partition stays
+                // paused with nothing queued that would ever resume it.
+                if worker.queued.load(Ordering::Acquire) <= RESUME_AT {
+                    set_paused(&self.consumer, &key, false);
+                }
             }
         }
         let handles: Vec<JoinHandle<()>> = workers.into_values().map(|w| w.task).collect();

@@ -295,7 +295,7 @@ impl Relay {
         if self.renew_due(&leases) {
             if !window.is_empty() {
                 drop(leases);
-                self.settle_all(window, &mut report).await?;
+                self.land_all(window, &mut report).await?;
                 leases = self.leases.lock().await;
             }
             self.renew(&mut leases).await?;
@@ -312,7 +312,7 @@ impl Relay {
         };
         if report.owned.is_empty() || report.refused {
             drop(leases);
-            self.settle_all(window, &mut report).await?;
+            self.land_all(window, &mut report).await?;
             return Ok(report);
         }
         let fetched_at = Instant::now();
@@ -331,7 +331,7 @@ impl Relay {
             tracing::warn!(owner = %self.identity.owner, "lease too close to expiry after a stall; skipping this pass");
             leases.renewed_at = None;
             drop(leases);
-            self.settle_all(window, &mut report).await?;
+            self.land_all(window, &mut report).await?;
             return Ok(report);
         }
         let held = leases.held.clone();
@@ -353,7 +353,7 @@ impl Relay {
             let flight = window.0.pop_front().expect("the oldest flight was just seen");
             self.land(flight.permit, landed, &mut report).await?;
             if report.outage || report.fatal {
-                self.settle_all(window, &mut report).await?;
+                self.land_all(window, &mut report).await?;
             }
         }
         if report.fatal {
@@ -399,7 +399,7 @@ impl Relay {
 
     /// Waits for every batch in flight to land, oldest first; all of them are waited for
     /// even if one failed to settle, so nothing is in flight afterwards.
-    async fn settle_all(&self, window: &mut Window, report: &mut PassReport) -> Result<(), StoreError> {
+    async fn land_all(&self, window: &mut Window, report: &mut PassReport) -> Result<(), StoreError> {
         let mut failed = None;
         while let Some(mut flight) = window.0.pop_front() {
             let landed = (&mut flight.landing).await;
@@ -652,7 +652,7 @@ impl Relay {
                 Ok(Err(e)) => {
                     tracing::warn!(error = format!("{:#}", anyhow::Error::from(e)), "relay pass failed");
                     // Nothing may stay in flight while leases are renewed during the backoff.
-                    let _ = self.settle_all(&mut window, &mut PassReport::default()).await;
+                    let _ = self.land_all(&mut window, &mut PassReport::default()).await;
                     failures += 1;
                     (self.settings.backoff.delay(failures), false)
                 }
@@ -670,7 +670,7 @@ impl Relay {
             }
         }
         // The batches in flight finish: settled, or (database gone) left to be published again.
-        if let Err(e) = self.settle_all(&mut window, &mut PassReport::default()).await {
+        if let Err(e) = self.land_all(&mut window, &mut PassReport::default()).await {
             tracing::warn!(
                 error = format!("{:#}", anyhow::Error::from(e)),
                 "could not settle the last batches"
