@@ -116,6 +116,7 @@ use crate::{
 
 pub use postgres::PostgresStore;
 pub use postgres_outbox::{FETCH_DUE_BEGIN, fetch_due_sql};
+pub use sql::{OUTBOX_STATS, PENDING_EXACT_UP_TO};
 pub use sqlite::SqliteStore;
 
 /// Why a storage call failed, classified so callers can tell "try again later" (the

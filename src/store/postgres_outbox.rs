@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::{
     PostgresStore, StoreError,
-    sql::{OUTBOX_COLUMNS, due_head},
+    sql::{OUTBOX_COLUMNS, OUTBOX_STATS, PENDING_EXACT_UP_TO, due_head, outbox_stats},
 };
 
 /// The portable statements, for this database.
@@ -367,14 +367,9 @@ impl OutboxStore for PostgresStore {
     }
 
     async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        let (pending, oldest_age_seconds, dead_letters): (i64, f64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM outbox),
-                    COALESCE(EXTRACT(EPOCH FROM now() - (SELECT min(created_at) FROM outbox))::float8, 0),
-                    (SELECT count(*) FROM outbox_dead_letter)",
-        )
-        .fetch_one(self.pool())
-        .await?;
-        Ok(OutboxStats { pending, oldest_age_seconds: oldest_age_seconds.max(0.0), dead_letters })
+        let (counted, span, oldest, dead_letters): (i64, Option<i64>, Option<DateTime<Utc>>, i64) =
+            sqlx::query_as(OUTBOX_STATS).bind(PENDING_EXACT_UP_TO + 1).fetch_one(self.pool()).await?;
+        Ok(outbox_stats(counted, span, oldest, dead_letters))
     }
 
     async fn repartition(&self, partitions: i32) -> Result<u64, StoreError> {

@@ -17,7 +17,7 @@ use super::{IdempotentOrder, StoreError};
 use crate::{
     domain::{Currency, CustomerId, LineItem, Note, Order, OrderId, OrderStatus, Quantity, Sku},
     inbox::{CustomerProjection, Rejection},
-    outbox::{DeadLetter, NewOutboxEvent, OutboxRecord, TraceContext},
+    outbox::{DeadLetter, NewOutboxEvent, OutboxRecord, OutboxStats, TraceContext},
 };
 
 /// Line items as stored in the `items` JSON column. Separate from the domain type so the
@@ -52,6 +52,33 @@ pub(super) fn due_head(now: &str) -> String {
                          AND d.aggregate_id = o.aggregate_id AND d.seq < o.seq)"
     )
 }
+/// Up to this many pending rows the backlog gauge is an exact count.
+pub const PENDING_EXACT_UP_TO: i64 = 10_000;
+
+/// The backlog figures, without reading the whole outbox: every relay refreshes them every
+/// second, and the outbox is largest exactly when the broker is down, so a `count(*)` would
+/// cost most when the system can least afford it. Columns: an exact count of at most `$1`
+/// rows, the span of pending seqs, the oldest row by `seq` (both from the primary key), the
+/// dead letters.
+pub const OUTBOX_STATS: &str = "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT $1) AS capped),
+        (SELECT max(seq) - min(seq) + 1 FROM outbox),
+        (SELECT created_at FROM outbox ORDER BY seq LIMIT 1),
+        (SELECT count(*) FROM outbox_dead_letter)";
+
+/// Backlog figures from [`OUTBOX_STATS`]' columns (queried with `$1` one above
+/// [`PENDING_EXACT_UP_TO`]): the exact count while it fits, beyond that the span of pending
+/// seqs, an upper bound (rows already published inside the span are counted).
+pub(super) fn outbox_stats(
+    counted: i64,
+    span: Option<i64>,
+    oldest: Option<DateTime<Utc>>,
+    dead_letters: i64,
+) -> OutboxStats {
+    let pending = if counted <= PENDING_EXACT_UP_TO { counted } else { span.unwrap_or(counted).max(counted) };
+    let oldest_age_seconds = oldest.map_or(0.0, |t| (Utc::now() - t).as_seconds_f64().max(0.0));
+    OutboxStats { pending, oldest_age_seconds, dead_letters }
+}
+
 const DEAD_LETTER_COLUMNS: &str = "seq, message_id, aggregate_type, aggregate_id, event_type, \
                                    length(payload) AS payload_bytes, attempts, error, created_at, dead_at";
 

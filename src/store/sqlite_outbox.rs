@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     SqliteStore, StoreError,
-    sql::{OUTBOX_COLUMNS, due_head},
+    sql::{OUTBOX_COLUMNS, OUTBOX_STATS, PENDING_EXACT_UP_TO, due_head, outbox_stats},
 };
 
 /// The portable statements, for this database.
@@ -148,14 +148,9 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        let (pending, oldest, dead_letters): (i64, Option<DateTime<Utc>>, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM outbox), (SELECT min(created_at) FROM outbox),
-                    (SELECT count(*) FROM outbox_dead_letter)",
-        )
-        .fetch_one(self.pool())
-        .await?;
-        let oldest_age_seconds = oldest.map_or(0.0, |t| (Utc::now() - t).as_seconds_f64().max(0.0));
-        Ok(OutboxStats { pending, oldest_age_seconds, dead_letters })
+        let (counted, span, oldest, dead_letters): (i64, Option<i64>, Option<DateTime<Utc>>, i64) =
+            sqlx::query_as(OUTBOX_STATS).bind(PENDING_EXACT_UP_TO + 1).fetch_one(self.pool()).await?;
+        Ok(outbox_stats(counted, span, oldest, dead_letters))
     }
 
     async fn repartition(&self, partitions: i32) -> Result<u64, StoreError> {
