@@ -782,17 +782,17 @@ async fn a_stopping_relay_releases_its_leases() {
     .await;
 }
 
-/// Rows a plan read from the outbox as `o` (the heads' scan): actual rows × loops of every
-/// node on it, through the whole tree.
-fn heads_read(plan: &serde_json::Value) -> f64 {
-    let own = if plan["Relation Name"] == "outbox" && plan["Alias"] == "o" {
+/// Rows a plan read from the outbox (only where it is aliased `alias`, if given): actual
+/// rows, kept or filtered out, × loops of every node on it, through the whole tree.
+fn rows_read(plan: &serde_json::Value, alias: Option<&str>) -> f64 {
+    let own = if plan["Relation Name"] == "outbox" && alias.is_none_or(|a| plan["Alias"] == a) {
         let rows = plan["Actual Rows"].as_f64().unwrap_or(0.0)
             + plan["Rows Removed by Filter"].as_f64().unwrap_or(0.0);
         rows * plan["Actual Loops"].as_f64().unwrap_or(0.0)
     } else {
         0.0
     };
-    own + plan["Plans"].as_array().map_or(0.0, |children| children.iter().map(heads_read).sum())
+    own + plan["Plans"].as_array().map_or(0.0, |children| children.iter().map(|c| rows_read(c, alias)).sum())
 }
 
 #[tokio::test]
@@ -834,7 +834,7 @@ async fn the_relay_fetch_reads_only_the_heads_it_returns_even_with_stale_statist
             .fetch_one(&mut *tx)
             .await
             .expect("explain");
-        let read = heads_read(&plan[0]["Plan"]);
+        let read = rows_read(&plan[0]["Plan"], Some("o"));
         eprintln!(
             "{pass} fetch of 1,600 heads from 50,000 rows ({} in flight) read {read} rows",
             skipped.len()
@@ -843,18 +843,6 @@ async fn the_relay_fetch_reads_only_the_heads_it_returns_even_with_stale_statist
         let bound = 2.0 * (1600 + skipped.len()) as f64;
         assert!(read <= bound, "{pass}: read {read} rows for 1,600 heads: {plan:#}");
     }
-}
-
-/// Rows of `outbox` a plan read, over all its nodes.
-fn outbox_rows_read(plan: &serde_json::Value) -> f64 {
-    let own = if plan["Relation Name"] == "outbox" {
-        let rows = plan["Actual Rows"].as_f64().unwrap_or(0.0)
-            + plan["Rows Removed by Filter"].as_f64().unwrap_or(0.0);
-        rows * plan["Actual Loops"].as_f64().unwrap_or(0.0)
-    } else {
-        0.0
-    };
-    own + plan["Plans"].as_array().map_or(0.0, |children| children.iter().map(outbox_rows_read).sum())
 }
 
 /// Every relay refreshes the backlog gauges every second, and the outbox is largest when
@@ -888,7 +876,7 @@ async fn the_backlog_gauges_never_scan_a_large_outbox() {
         .fetch_one(&pool)
         .await
         .expect("explain");
-    let read = outbox_rows_read(&plan[0]["Plan"]);
+    let read = rows_read(&plan[0]["Plan"], None);
     eprintln!("backlog gauges at 50,000 pending rows read {read} rows");
     assert!(read <= (orders_service::store::PENDING_EXACT_UP_TO + 100) as f64, "read {read} rows: {plan:#}");
 }
