@@ -273,7 +273,7 @@ pub trait OutboxStore: Send + Sync + 'static {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
-        in_flight: &[String],
+        in_flight: &[&str],
     ) -> Result<Vec<OutboxRecord>, StoreError>;
     /// Deletes, reschedules and dead-letters the rows of one pass in one statement, each
     /// only while `owner` still holds its partition with the epoch in `leases`.

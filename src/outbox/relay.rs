@@ -1,7 +1,7 @@
 //! The relay: publishes outbox rows of the partitions it leases, in `seq` order per
 //! aggregate, and deletes them only after the broker acknowledged them.
 //!
-//! A pass ([`Relay::pass`]) renews leases when due, fetches the due rows of every owned
+//! A pass renews leases when due, fetches the due rows of every owned
 //! partition in one statement, hands them to the producer as one batch and takes in the
 //! batches that landed. Each batch is published and then settled (one statement) by a task
 //! of its own, and up to `in_flight_batches` batches are out at once, so fetching, the
@@ -134,28 +134,21 @@ struct Landed {
     retries: Vec<Instant>,
 }
 
-/// Batches handed to the producer and not settled yet, oldest first. Owned by whoever
-/// drives [`Relay::pass`] (the run loop), so a pass can end with batches still in flight.
+/// Batches handed to the producer and not settled yet, oldest first. Owned by the run loop,
+/// so a pass can end with batches still in flight.
 #[derive(Default)]
-pub struct Window(VecDeque<Flight>);
+struct Window(VecDeque<Flight>);
 
 impl Window {
-    /// Batches in flight.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
     /// Nothing in flight.
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    /// The aggregates with an event in flight, which the next fetch must skip.
-    fn aggregates(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.0.iter().flat_map(|f| f.aggregates.iter().cloned()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
+    /// The aggregates with an event in flight, which the next fetch must skip: borrowed, and
+    /// neither sorted nor deduplicated (the database hashes them), since every pass asks.
+    fn aggregates(&self) -> Vec<&str> {
+        self.0.iter().flat_map(|f| f.aggregates.iter().map(String::as_str)).collect()
     }
 }
 
@@ -288,7 +281,7 @@ impl Relay {
     /// take in the oldest batches: while `depth` of them are in flight, and all of them once
     /// the backlog is caught up (no full batch). A batch that got no acknowledgement, or a
     /// fatal producer error, lands the whole window.
-    pub async fn pass(self: &Arc<Self>, window: &mut Window, depth: usize) -> Result<PassReport, StoreError> {
+    async fn pass(self: &Arc<Self>, window: &mut Window, depth: usize) -> Result<PassReport, StoreError> {
         self.metrics.outbox_relay_passes.inc();
         let mut report = PassReport::default();
         let mut leases = self.leases.lock().await;

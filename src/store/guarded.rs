@@ -128,7 +128,7 @@ impl OutboxStore for Guarded {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
-        in_flight: &[String],
+        in_flight: &[&str],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         idempotent!(self.fetch_due(partitions, per_partition, now, in_flight))
     }

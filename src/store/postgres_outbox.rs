@@ -292,7 +292,7 @@ impl OutboxStore for PostgresStore {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
-        in_flight: &[String],
+        in_flight: &[&str],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         let mut tx = self.begin_shielded_with(FETCH_DUE_BEGIN.to_owned()).await?;
         let rows = sqlx::query(fetch_due_sql())

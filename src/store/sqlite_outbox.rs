@@ -62,7 +62,7 @@ impl OutboxStore for SqliteStore {
         partitions: &[i32],
         per_partition: i64,
         now: DateTime<Utc>,
-        in_flight: &[String],
+        in_flight: &[&str],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         // The one relay owns every partition: one statement numbers each partition's rows.
         // SQLite has no array parameters: the in-flight aggregate ids travel as a JSON array.

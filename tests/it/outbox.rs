@@ -400,7 +400,7 @@ impl OutboxStore for Instrumented {
         p: &[i32],
         n: i64,
         now: DateTime<Utc>,
-        in_flight: &[String],
+        in_flight: &[&str],
     ) -> Result<Vec<OutboxRecord>, StoreError> {
         self.count();
         self.inner.fetch_due(p, n, now, in_flight).await
@@ -813,12 +813,12 @@ async fn the_relay_fetch_reads_only_the_heads_it_returns_even_with_stale_statist
     let fetched = pipeline.store.fetch_due(&partitions, per_partition, Utc::now(), &[]).await.expect("fetch");
     assert_eq!(fetched.len(), 1600, "the first 100 heads of each of 16 partitions");
     // The next pass, with those 1,600 aggregates still in flight, gets the next 1,600 heads.
-    let in_flight: Vec<String> = fetched.iter().map(|r| r.aggregate_id.clone()).collect();
+    let in_flight: Vec<&str> = fetched.iter().map(|r| r.aggregate_id.as_str()).collect();
     let next =
         pipeline.store.fetch_due(&partitions, per_partition, Utc::now(), &in_flight).await.expect("next");
     assert_eq!(next.len(), 1600, "the next 100 heads of each partition");
     assert!(
-        next.iter().all(|r| !in_flight.contains(&r.aggregate_id)),
+        next.iter().all(|r| !in_flight.contains(&r.aggregate_id.as_str())),
         "an aggregate in flight was fetched again"
     );
 
