@@ -35,7 +35,10 @@
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashSet, VecDeque},
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -182,6 +185,8 @@ pub struct Relay {
     leases: Mutex<Leases>,
     /// When the backlog gauges were last refreshed (they cost a query).
     stats_at: Mutex<Option<Instant>>,
+    /// A background refresh of the gauges is under way.
+    refreshing: AtomicBool,
     /// The broker's breaker, when publishing to Kafka: while it is open, passes neither read
     /// the outbox nor publish.
     publish_policy: OnceLock<Arc<Policy>>,
@@ -207,6 +212,7 @@ impl Relay {
             settings,
             leases: Mutex::new(Leases::default()),
             stats_at: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
             publish_policy: OnceLock::new(),
         })
     }
@@ -273,7 +279,9 @@ impl Relay {
     /// however many partitions), then settle every row in one statement: delete, schedule a
     /// retry, or dead-letter. The deterministic step for tests.
     pub async fn relay_once(self: &Arc<Self>) -> Result<PassReport, StoreError> {
-        self.pass(&mut Window::default(), 1).await
+        let report = self.pass(&mut Window::default(), 1).await?;
+        self.refresh_stats().await;
+        Ok(report)
     }
 
     /// One pass of the pipeline: renew leases if due (after landing everything in flight),
@@ -363,8 +371,6 @@ impl Relay {
         }
         let now = Instant::now();
         report.next_retry_in = leases.retries.peek().map(|Reverse(at)| at.saturating_duration_since(now));
-        drop(leases);
-        self.refresh_stats().await;
         Ok(report)
     }
 
@@ -566,6 +572,22 @@ impl Relay {
         }
     }
 
+    /// [`Relay::refresh_stats`] in a task of its own, one at a time, so the relay never waits
+    /// for it: while a drain leaves published rows dead but not yet vacuumed, the statement
+    /// reads past them, and waiting for it at the end of every pass measured a fifth of the
+    /// drain rate (63,000 → 50,000 events/s).
+    fn refresh_stats_in_background(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let relay = self.clone();
+        tokio::spawn(async move {
+            relay.refresh_stats().await;
+            relay.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Refreshes the backlog gauges, at most once a second (they cost a query).
     async fn refresh_stats(&self) {
         let mut at = self.stats_at.lock().await;
         if at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
@@ -607,6 +629,7 @@ impl Relay {
                 window = flights;
                 report
             });
+            self.refresh_stats_in_background();
             let (wait, wake_on_commit) = match outcome {
                 // Breaker open: no statement, no publish; look again after a backoff.
                 Ok(Ok(report)) if report.refused => (self.settings.backoff.delay(outages.max(1)), false),
