@@ -87,6 +87,11 @@ pub struct Metrics {
     pub inbox_dlq_producer_rebuilds: IntCounterVec,
     /// 1 while the consumer's group membership is steady (joined, assignment applied).
     pub inbox_group_steady: IntGauge,
+    /// Partitions the consumer holds after its last rebalance.
+    pub inbox_partitions_assigned: IntGauge,
+    /// Times the consumer left and rejoined its group because a partition it does not hold
+    /// made no progress (see `inbox::kafka`).
+    pub inbox_group_rejoins: IntCounter,
     /// Idempotency-Key outcomes.
     pub idempotency_outcomes: IntCounterVec,
     /// Circuit breaker state per dependency.
@@ -255,6 +260,16 @@ impl Metrics {
             "1 while the inbox consumer's group membership is steady (joined, assignment applied)",
         )?;
         registry.register(Box::new(inbox_group_steady.clone()))?;
+        let inbox_partitions_assigned = IntGauge::new(
+            "inbox_partitions_assigned",
+            "Partitions the inbox consumer holds after its last rebalance",
+        )?;
+        registry.register(Box::new(inbox_partitions_assigned.clone()))?;
+        let inbox_group_rejoins = IntCounter::new(
+            "inbox_group_rejoins_total",
+            "Times the inbox consumer rejoined its group because a partition no member consumed trailed without progress",
+        )?;
+        registry.register(Box::new(inbox_group_rejoins.clone()))?;
         let inbox_dlq_producer_rebuilds = counters(
             &registry,
             "inbox_dlq_producer_rebuilds_total",
@@ -383,6 +398,8 @@ impl Metrics {
             inbox_partitions_paused,
             inbox_dlq_producer_rebuilds,
             inbox_group_steady,
+            inbox_group_rejoins,
+            inbox_partitions_assigned,
             idempotency_outcomes,
         }))
     }

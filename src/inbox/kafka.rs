@@ -13,6 +13,14 @@
 //! told to stop before the revoke completes: queued messages are dropped (the next owner
 //! reads them from the committed offset), an in-flight one finishes, and the inbox table
 //! turns any overlap with the next owner into a counted duplicate.
+//!
+//! A partition nobody consumes is the one failure the group protocol never reports to its
+//! members: every member is steady, and the partition's messages wait on the topic. A
+//! watchdog therefore looks at the partitions this member does not hold, every quarter of
+//! [`stall_after`]: one whose committed offset trails its end and has not moved for that long
+//! makes this member leave and rejoin the group, which starts a fresh assignment. Measured
+//! case: tansu 0.6 keeps a member that vanished without leaving (`kill -9`) in its stored
+//! assignment after the session expired, so its partitions stayed unconsumed for good.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -20,6 +28,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -121,7 +130,12 @@ impl ConsumerContext for InboxContext {
 
     /// Resumes every assigned partition: one paused before a revoke (here or, earlier, by
     /// this consumer before it moved away) would otherwise stay paused for good.
+    /// Also keeps `inbox_partitions_assigned`: a steady member holding nothing is otherwise
+    /// invisible.
     fn post_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Ok(assignment) = consumer.assignment() {
+            self.metrics.inbox_partitions_assigned.set(assignment.count() as i64);
+        }
         let Rebalance::Assign(assigned) = rebalance else { return };
         if assigned.count() == 0 {
             return;
@@ -137,6 +151,9 @@ pub struct KafkaInbox {
     consumer: Arc<StreamConsumer<InboxContext>>,
     inbox: Arc<Inbox>,
     metrics: Arc<Metrics>,
+    /// How long a partition this member does not hold may trail without progress before
+    /// this member rejoins the group.
+    stall_after: Duration,
 }
 
 /// The dispatcher's handle on one partition's worker.
@@ -169,7 +186,7 @@ impl KafkaInbox {
             .set("max.poll.interval.ms", max_poll_interval(settings))
             .create_with_context(context)
             .context("creating the Kafka consumer (check APP_KAFKA__*)")?;
-        Ok(Self { consumer: Arc::new(consumer), inbox, metrics })
+        Ok(Self { consumer: Arc::new(consumer), inbox, metrics, stall_after: stall_after(settings) })
     }
 
     /// Consumes until `stop`.
@@ -180,6 +197,13 @@ impl KafkaInbox {
             tracing::error!(error = %e, "inbox: cannot subscribe; consumer not running");
             return;
         }
+        let watchdog = tokio::spawn(watch_for_orphans(
+            self.consumer.clone(),
+            topics.clone(),
+            self.stall_after,
+            self.metrics.clone(),
+            stop.clone(),
+        ));
         let permits = Arc::new(Semaphore::new(self.inbox.settings().max_parallel_partitions.max(1)));
         let mut workers: HashMap<PartitionKey, WorkerHandle> = HashMap::new();
         loop {
@@ -240,6 +264,7 @@ impl KafkaInbox {
                 }
             }
         }
+        watchdog.abort();
         let handles: Vec<JoinHandle<()>> = workers.into_values().map(|w| w.task).collect();
         for handle in handles {
             let _ = handle.await;
@@ -284,6 +309,133 @@ impl KafkaInbox {
         let task = tokio::spawn(worker.run(messages, predecessor));
         WorkerHandle { queue, queued, stop: worker_stop, task }
     }
+}
+
+/// How long a partition this member does not hold may trail its end without its committed
+/// offset moving before this member forces a new assignment: twice the session timeout (a
+/// vanished member's partitions move after one) plus 10 s for the rebalance itself.
+pub fn stall_after(settings: &KafkaSettings) -> Duration {
+    let session = settings
+        .properties
+        .iter()
+        .find(|(k, _)| k == "session.timeout.ms")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(45_000u64);
+    Duration::from_millis(2 * session) + Duration::from_secs(10)
+}
+
+/// Each librdkafka request of the watchdog waits at most this long.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every quarter of `stall_after`, looks at the partitions of `topics` this member does not
+/// hold and rejoins the group when one has trailed without progress for `stall_after`. After
+/// a rejoin the clocks restart, and each further rejoin waits twice as long (at most 10
+/// minutes), so a partition stuck for another reason (its owner's handler failing) costs a
+/// rebalance now and then, not a storm. While waiting it costs a metadata request, an
+/// offset fetch and two watermark requests per partition not held, per check.
+async fn watch_for_orphans(
+    consumer: Arc<StreamConsumer<InboxContext>>,
+    topics: Vec<String>,
+    stall_after: Duration,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut progress: HashMap<PartitionKey, (i64, Instant)> = HashMap::new();
+    let mut patience = stall_after;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(stall_after / 4) => {}
+        }
+        let (watched, names) = (consumer.clone(), topics.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let stalled = stalled_elsewhere(&watched, &names, &mut progress, patience);
+            (stalled, progress)
+        })
+        .await;
+        let Ok((stalled, returned)) = checked else {
+            tracing::error!("inbox: the orphan check panicked; the watchdog stops");
+            return;
+        };
+        progress = returned;
+        let stalled = match stalled {
+            Ok(stalled) if stalled.is_empty() => {
+                patience = stall_after;
+                continue;
+            }
+            Ok(stalled) => stalled,
+            Err(e) => {
+                // No view of the group (broker unreachable): the clocks restart afterwards.
+                tracing::debug!(error = %e, "inbox: orphan check skipped");
+                progress.clear();
+                continue;
+            }
+        };
+        tracing::warn!(?stalled, after = ?patience,
+            "inbox: partitions no member consumes; leaving and rejoining the group for a new assignment");
+        metrics.inbox_group_rejoins.inc();
+        let (rejoining, names) = (consumer.clone(), topics.clone());
+        let rejoined = tokio::task::spawn_blocking(move || {
+            rejoining.unsubscribe();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            rejoining.subscribe(&names)
+        })
+        .await;
+        if let Ok(Err(e)) = rejoined {
+            tracing::error!(error = %e, "inbox: could not subscribe again; retrying at the next check");
+        }
+        progress.clear();
+        patience = (patience * 2).min(Duration::from_secs(600));
+    }
+}
+
+/// The partitions of `topics` not assigned to this member whose committed offset trails the
+/// end and has not moved for `patience`, updating `progress` (offset, unchanged since).
+fn stalled_elsewhere(
+    consumer: &StreamConsumer<InboxContext>,
+    topics: &[String],
+    progress: &mut HashMap<PartitionKey, (i64, Instant)>,
+    patience: Duration,
+) -> Result<Vec<PartitionKey>, rdkafka::error::KafkaError> {
+    let held: HashSet<PartitionKey> =
+        consumer.assignment()?.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+    let mut others = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), WATCH_TIMEOUT)?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            if !held.contains(&(topic.clone(), partition.id())) {
+                others.add_partition(topic, partition.id());
+            }
+        }
+    }
+    progress.retain(|key, _| !held.contains(key));
+    if others.count() == 0 {
+        return Ok(Vec::new());
+    }
+    let committed = consumer.committed_offsets(others, WATCH_TIMEOUT)?;
+    let now = Instant::now();
+    let mut stalled = Vec::new();
+    for element in committed.elements() {
+        let key = (element.topic().to_owned(), element.partition());
+        let (low, high) = consumer.fetch_watermarks(&key.0, key.1, WATCH_TIMEOUT)?;
+        // Never committed: the group starts at the beginning (auto.offset.reset = earliest).
+        let position = match element.offset() {
+            Offset::Offset(offset) => offset.max(low),
+            _ => low,
+        };
+        if position >= high {
+            progress.remove(&key);
+            continue;
+        }
+        let since = progress.entry(key.clone()).or_insert((position, now));
+        if since.0 != position {
+            *since = (position, now);
+        }
+        if now.duration_since(since.1) >= patience {
+            stalled.push(key);
+        }
+    }
+    Ok(stalled)
 }
 
 /// How long a rebalance waits for members to rejoin (librdkafka sends `max.poll.interval.ms`

@@ -1,7 +1,8 @@
 //! The inbox under the faults production has: control characters and data PostgreSQL
 //! rejects, a message that keeps aborting, a dead-letter producer in librdkafka's fatal
 //! state, one partition stuck behind a row lock while the others must flow (and revoked and
-//! reassigned while paused), and a second consumer joining the group mid-stream.
+//! reassigned while paused), a second consumer joining the group mid-stream, and a member
+//! killed without leaving the group.
 
 use std::{
     collections::HashSet,
@@ -11,7 +12,7 @@ use std::{
 
 use orders_service::{
     domain::{Order, OrderStatus},
-    inbox::InboxSettings,
+    inbox::{InboxSettings, kafka::KafkaInbox},
     metrics::Metrics,
     publish::{KafkaPublisher, OutboundMessage, Publisher},
     store::{self, Store, StoreError},
@@ -404,4 +405,89 @@ async fn a_consumer_joining_mid_stream_loses_nothing_and_applies_nothing_twice()
             .await
             .expect("count");
     assert_eq!(paid_events, 150, "one OrderPaid per payment");
+}
+
+/// The group's session timeout in the vanished-member test, short so the test is too.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// A second member of `topics.group`: the real binary with only the consumer role, so it
+/// can be killed with `kill -9` (no LeaveGroup; the broker finds out by the session timeout).
+fn second_member(pipeline: &Pipeline, topics: &Topics, log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::File::create(log).expect("log file");
+    std::process::Command::new(env!("CARGO_BIN_EXE_orders-service"))
+        .env_clear()
+        .env("APP_ROLES", "consumer")
+        .env("APP_DATABASE__URL", &pipeline.url)
+        .env("APP_OUTBOX__PARTITIONS", crate::outbox::PARTITIONS.to_string())
+        .env("APP_KAFKA__BROKERS", kafka::brokers())
+        .env("APP_KAFKA__GROUP_ID", &topics.group)
+        .env("APP_KAFKA__TOPIC_REPLICATION", "1")
+        .env("APP_KAFKA__TOPIC_PARTITIONS", kafka::TOPIC_PARTITIONS.to_string())
+        .env("APP_KAFKA__PROPERTIES", session_properties().join(";"))
+        .env("APP_INBOX__PAYMENTS_TOPIC", &topics.payments)
+        .env("APP_INBOX__CUSTOMERS_TOPIC", &topics.customers)
+        .env("APP_HTTP__ADDR", "127.0.0.1:0")
+        .env("APP_GRPC__ADDR", "127.0.0.1:0")
+        .env("APP_ADMIN__ADDR", "127.0.0.1:0")
+        .env("APP_LOG_FORMAT", "json")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("the second member starts")
+}
+
+fn session_properties() -> Vec<String> {
+    vec![format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis()), "heartbeat.interval.ms=500".into()]
+}
+
+#[tokio::test]
+async fn a_member_killed_without_leaving_has_its_partitions_taken_over() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let topics = Topics::create().await;
+    let mut settings = kafka::settings(&kafka::brokers());
+    settings.properties = session_properties()
+        .iter()
+        .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    let inbox = inbox(&pipeline, pipeline.store.clone(), &topics, Duration::from_secs(3600));
+    let runner = KafkaInbox::new(&settings, inbox, pipeline.metrics.clone()).expect("consumer");
+    let stop = CancellationToken::new();
+    tokio::spawn(runner.run(stop.clone()));
+    let held = || pipeline.metrics.inbox_partitions_assigned.get();
+    let all = 2 * i64::from(kafka::TOPIC_PARTITIONS); // payments and customers
+    eventually(Duration::from_secs(30), "the first member to hold every partition", || async {
+        held() == all
+    })
+    .await;
+    let log = std::env::temp_dir().join(format!("{}-second-member.log", topics.group));
+    let mut second = second_member(&pipeline, &topics, &log);
+    eventually(Duration::from_secs(60), "the second member to take a share", || async {
+        (1..all).contains(&held())
+    })
+    .await;
+    second.kill().expect("kill -9");
+    second.wait().expect("reaped");
+    let killed = Instant::now();
+    // One payment per partition, so whichever the dead member held has one waiting.
+    let mut orders = Vec::new();
+    for partition in 0..kafka::TOPIC_PARTITIONS {
+        let order = pipeline.create(1).await;
+        produce_to(partition, vec![payment_captured(&topics.payments, &format!("p{partition}"), &order)])
+            .await;
+        orders.push(order);
+    }
+    eventually(SESSION_TIMEOUT * 10, "every partition's payment applied by the member left", || async {
+        let mut paid = 0;
+        for order in &orders {
+            paid += usize::from(status(&pipeline.store, order).await == OrderStatus::Paid);
+        }
+        paid == orders.len()
+    })
+    .await;
+    println!(
+        "partitions taken over {:.1} s after the kill (session timeout {SESSION_TIMEOUT:?})",
+        killed.elapsed().as_secs_f64()
+    );
+    stop.cancel();
+    let _ = std::fs::remove_file(log);
 }
