@@ -315,13 +315,17 @@ impl KafkaInbox {
 /// offset moving before this member forces a new assignment: twice the session timeout (a
 /// vanished member's partitions move after one) plus 10 s for the rebalance itself.
 pub fn stall_after(settings: &KafkaSettings) -> Duration {
-    let session = settings
-        .properties
-        .iter()
-        .find(|(k, _)| k == "session.timeout.ms")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(45_000u64);
-    Duration::from_millis(2 * session) + Duration::from_secs(10)
+    Duration::from_millis(2 * session_timeout_ms(settings)) + Duration::from_secs(10)
+}
+
+/// `session.timeout.ms` from `APP_KAFKA__PROPERTIES`, or librdkafka's default.
+fn session_timeout_ms(settings: &KafkaSettings) -> u64 {
+    property(settings, "session.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(45_000)
+}
+
+/// A librdkafka property given in `APP_KAFKA__PROPERTIES`.
+fn property(settings: &KafkaSettings, key: &str) -> Option<String> {
+    settings.properties.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
 }
 
 /// Each librdkafka request of the watchdog waits at most this long.
@@ -330,8 +334,9 @@ const WATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every quarter of `stall_after`, looks at the partitions of `topics` this member does not
 /// hold and rejoins the group when one has trailed without progress for `stall_after`. After
 /// a rejoin the clocks restart, and each further rejoin waits twice as long (at most 10
-/// minutes), so a partition stuck for another reason (its owner's handler failing) costs a
-/// rebalance now and then, not a storm. While waiting it costs a metadata request, an
+/// minutes, back to `stall_after` once every partition elsewhere is caught up), so a
+/// partition stuck for another reason (its owner's handler failing) costs a rebalance now
+/// and then, not a storm. While waiting it costs a metadata request, an
 /// offset fetch and two watermark requests per partition not held, per check.
 async fn watch_for_orphans(
     consumer: Arc<StreamConsumer<InboxContext>>,
@@ -360,7 +365,9 @@ async fn watch_for_orphans(
         progress = returned;
         let stalled = match stalled {
             Ok(stalled) if stalled.is_empty() => {
-                patience = stall_after;
+                if progress.is_empty() {
+                    patience = stall_after; // every partition elsewhere is caught up
+                }
                 continue;
             }
             Ok(stalled) => stalled,
@@ -443,11 +450,7 @@ fn stalled_elsewhere(
 /// would only lengthen a rebalance waiting on a member that will not rejoin; the session
 /// timeout is the least librdkafka accepts. A value in `APP_KAFKA__PROPERTIES` wins.
 fn max_poll_interval(settings: &KafkaSettings) -> String {
-    let property = |key: &str| settings.properties.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    property("max.poll.interval.ms").unwrap_or_else(|| {
-        let session: u64 = property("session.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(45_000);
-        session.to_string()
-    })
+    property(settings, "max.poll.interval.ms").unwrap_or_else(|| session_timeout_ms(settings).to_string())
 }
 
 /// Pauses or resumes fetching one partition unless it already is (paused or not);
@@ -536,5 +539,29 @@ pub fn inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> InboundMessag
         key: message.key().map(<[u8]>::to_vec),
         headers,
         payload: message.payload().unwrap_or_default().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(properties: &[(&str, &str)]) -> KafkaSettings {
+        KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            message_timeout: Duration::from_secs(10),
+            message_max_bytes: 1_000_000,
+            properties: properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn the_watchdog_waits_past_a_takeover_by_the_broker() {
+        // A vanished member's partitions move after one session timeout plus a rebalance;
+        // the watchdog must not act before that.
+        assert_eq!(stall_after(&settings(&[])), Duration::from_secs(100));
+        assert_eq!(stall_after(&settings(&[("session.timeout.ms", "6000")])), Duration::from_secs(22));
+        assert_eq!(max_poll_interval(&settings(&[("session.timeout.ms", "6000")])), "6000");
+        assert_eq!(max_poll_interval(&settings(&[("max.poll.interval.ms", "9000")])), "9000");
     }
 }

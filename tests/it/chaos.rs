@@ -301,15 +301,19 @@ impl Clients {
 
     fn grpc_failure(status: &tonic::Status) -> Failure {
         // These clients never cancel a call, so CANCELLED is the connection going away under
-        // it (a GOAWAY race, tonic#2185): retried, as grpc-go does transparently.
-        let retryable = matches!(
-            status.code(),
-            Code::Unavailable
-                | Code::Aborted
-                | Code::DeadlineExceeded
-                | Code::ResourceExhausted
-                | Code::Cancelled
-        );
+        // it (a GOAWAY race, tonic#2185): retried, as grpc-go does transparently. So is
+        // tonic's own "transport error" (UNKNOWN, no answer from any server: the connection
+        // broke): the call may or may not have run, which the Idempotency-Key settles.
+        let transport = status.code() == Code::Unknown && status.message() == "transport error";
+        let retryable = transport
+            || matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::Aborted
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Cancelled
+            );
         Failure {
             status: if retryable {
                 format!("gRPC {:?}", status.code())
