@@ -264,6 +264,8 @@ impl Clients {
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600)).expect("backoff");
         let deadline = Instant::now() + GIVE_UP;
         let mut attempt = 0;
+        // When each failed attempt ended (seconds into the run) and how, for the replica logs.
+        let mut history = Vec::new();
         loop {
             attempt += 1;
             let failure = match call(attempt).await {
@@ -274,8 +276,9 @@ impl Clients {
                 Err(failure) => failure,
             };
             self.record(Some(&failure));
+            history.push(format!("{:.1} s {}", self.t0.elapsed().as_secs_f64(), failure.status));
             if !failure.retryable || Instant::now() >= deadline {
-                return Err(failure.status);
+                return Err(format!("{} (attempts: {})", failure.status, history.join("; ")));
             }
             tokio::time::sleep(backoff.delay(attempt)).await;
         }
@@ -598,6 +601,7 @@ async fn chaos_ledger_three_replicas_behind_nginx_lose_nothing_and_apply_nothing
     let channel =
         Channel::from_shared(format!("http://127.0.0.1:{}", nginx.grpc)).expect("uri").connect_lazy();
     let t0 = Instant::now();
+    println!("chaos load starts at {} (client attempt times count from here)", chrono::Utc::now());
     let clients = Arc::new(Clients {
         t0,
         http: http.clone(),
