@@ -142,9 +142,16 @@ impl prometheus::core::Collector for PoolCollector {
 }
 
 fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> anyhow::Result<IntCounterVec> {
-    let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
-    registry.register(Box::new(vec.clone()))?;
-    Ok(vec)
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+/// Registers `metric` and hands it back, so each metric is declared in one statement.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> anyhow::Result<M> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
 impl Metrics {
@@ -165,140 +172,191 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> anyhow::Result<Arc<Self>> {
         let registry = Registry::new();
-        let http_requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "REST requests by method, route template and status"),
-            &["method", "route", "status"],
+        let http_requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("http_requests_total", "REST requests by method, route template and status"),
+                &["method", "route", "status"],
+            )?,
         )?;
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_seconds", "REST request latency")
+        let http_duration = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("http_request_duration_seconds", "REST request latency")
+                    .buckets(BUCKETS.to_vec()),
+                &["method", "route"],
+            )?,
+        )?;
+        let grpc_requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("grpc_requests_total", "gRPC requests by method and status code"),
+                &["method", "code"],
+            )?,
+        )?;
+        let grpc_duration = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("grpc_request_duration_seconds", "gRPC request latency")
+                    .buckets(BUCKETS.to_vec()),
+                &["method"],
+            )?,
+        )?;
+        let outbox_pending =
+            registered(&registry, IntGauge::new("outbox_pending", "Outbox rows waiting to be published")?)?;
+        let outbox_oldest_age = registered(
+            &registry,
+            Gauge::new("outbox_oldest_age_seconds", "Age of the oldest waiting outbox row in seconds")?,
+        )?;
+        let outbox_published = registered(
+            &registry,
+            IntCounter::new("outbox_published_total", "Outbox rows published and deleted")?,
+        )?;
+        let outbox_publish_errors = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("outbox_publish_errors_total", "Outbox publish failures by kind"),
+                &["kind"],
+            )?,
+        )?;
+        let outbox_dead_letters = registered(
+            &registry,
+            IntGauge::new("outbox_dead_letters", "Rows in the outbox dead-letter table")?,
+        )?;
+        let outbox_partitions_owned = registered(
+            &registry,
+            IntGauge::new("outbox_partitions_owned", "Outbox partitions leased by this replica's relay")?,
+        )?;
+        let outbox_publish_latency = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_publish_latency_seconds",
+                    "Outbox commit to broker acknowledgement",
+                )
                 .buckets(BUCKETS.to_vec()),
-            &["method", "route"],
+            )?,
         )?;
-        let grpc_requests = IntCounterVec::new(
-            Opts::new("grpc_requests_total", "gRPC requests by method and status code"),
-            &["method", "code"],
+        let outbox_relays_live = registered(
+            &registry,
+            IntGauge::new("outbox_relays_live", "Live relays at this relay's last lease acquisition")?,
         )?;
-        let grpc_duration = HistogramVec::new(
-            HistogramOpts::new("grpc_request_duration_seconds", "gRPC request latency")
-                .buckets(BUCKETS.to_vec()),
-            &["method"],
+        let outbox_relay_passes =
+            registered(&registry, IntCounter::new("outbox_relay_passes_total", "Outbox relay passes")?)?;
+        let outbox_producer_rebuilds = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "outbox_producer_rebuilds_total",
+                    "Kafka producers rebuilt (fatal error, or unresponsive)",
+                ),
+                &["reason"],
+            )?,
         )?;
-        let outbox_pending = IntGauge::new("outbox_pending", "Outbox rows waiting to be published")?;
-        let outbox_oldest_age =
-            Gauge::new("outbox_oldest_age_seconds", "Age of the oldest waiting outbox row in seconds")?;
-        let outbox_published =
-            IntCounter::new("outbox_published_total", "Outbox rows published and deleted")?;
-        let outbox_publish_errors = IntCounterVec::new(
-            Opts::new("outbox_publish_errors_total", "Outbox publish failures by kind"),
-            &["kind"],
+        let outbox_settle_fenced = registered(
+            &registry,
+            IntCounter::new(
+                "outbox_settle_fenced_total",
+                "Outbox rows not settled because their partition lease had moved on",
+            )?,
         )?;
-        let outbox_dead_letters =
-            IntGauge::new("outbox_dead_letters", "Rows in the outbox dead-letter table")?;
-        let outbox_partitions_owned =
-            IntGauge::new("outbox_partitions_owned", "Outbox partitions leased by this replica's relay")?;
-        let outbox_publish_latency = Histogram::with_opts(
-            HistogramOpts::new("outbox_publish_latency_seconds", "Outbox commit to broker acknowledgement")
-                .buckets(BUCKETS.to_vec()),
+        let outbox_order_violations = registered(
+            &registry,
+            IntCounter::new(
+                "outbox_order_violations_total",
+                "Outbox events acknowledged after an earlier event of their aggregate failed in the same batch",
+            )?,
         )?;
-        let outbox_relays_live =
-            IntGauge::new("outbox_relays_live", "Live relays at this relay's last lease acquisition")?;
-        let outbox_relay_passes = IntCounter::new("outbox_relay_passes_total", "Outbox relay passes")?;
-        let outbox_producer_rebuilds = IntCounterVec::new(
-            Opts::new(
-                "outbox_producer_rebuilds_total",
-                "Kafka producers rebuilt (fatal error, or unresponsive)",
-            ),
-            &["reason"],
+        let inbox_messages = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("inbox_messages_total", "Inbound messages by topic and result"),
+                &["topic", "result"],
+            )?,
         )?;
-        registry.register(Box::new(outbox_producer_rebuilds.clone()))?;
-        let outbox_settle_fenced = IntCounter::new(
-            "outbox_settle_fenced_total",
-            "Outbox rows not settled because their partition lease had moved on",
+        let inbox_processing = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("inbox_processing_seconds", "Time to handle one inbound message")
+                    .buckets(BUCKETS.to_vec()),
+                &["topic"],
+            )?,
         )?;
-        let outbox_order_violations = IntCounter::new(
-            "outbox_order_violations_total",
-            "Outbox events acknowledged after an earlier event of their aggregate failed in the same batch",
+        let inbox_retries = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "inbox_retries_total",
+                    "Inbox attempts retried (database unavailable or attempt aborted)",
+                ),
+                &["topic"],
+            )?,
         )?;
-        for metric in [&outbox_relay_passes, &outbox_settle_fenced, &outbox_order_violations] {
-            registry.register(Box::new(metric.clone()))?;
-        }
-        registry.register(Box::new(outbox_relays_live.clone()))?;
-        let inbox_messages = IntCounterVec::new(
-            Opts::new("inbox_messages_total", "Inbound messages by topic and result"),
-            &["topic", "result"],
+        let inbox_dispatch_failures = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "inbox_dispatch_failures_total",
+                    "Inbound messages whose partition worker had died",
+                ),
+                &["topic"],
+            )?,
         )?;
-        let inbox_processing = HistogramVec::new(
-            HistogramOpts::new("inbox_processing_seconds", "Time to handle one inbound message")
-                .buckets(BUCKETS.to_vec()),
-            &["topic"],
+        let inbox_consumer_lag = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("inbox_consumer_lag", "Messages behind the high watermark, per partition"),
+                &["topic", "partition"],
+            )?,
         )?;
-        let inbox_retries = IntCounterVec::new(
-            Opts::new(
-                "inbox_retries_total",
-                "Inbox attempts retried (database unavailable or attempt aborted)",
-            ),
-            &["topic"],
+        let inbox_partitions_paused = registered(
+            &registry,
+            IntGauge::new(
+                "inbox_partitions_paused",
+                "Inbound partitions paused because their worker is behind",
+            )?,
         )?;
-        registry.register(Box::new(inbox_retries.clone()))?;
-        let inbox_dispatch_failures = IntCounterVec::new(
-            Opts::new("inbox_dispatch_failures_total", "Inbound messages whose partition worker had died"),
-            &["topic"],
+        let inbox_group_steady = registered(
+            &registry,
+            IntGauge::new(
+                "inbox_group_steady",
+                "1 while the inbox consumer's group membership is steady (joined, assignment applied)",
+            )?,
         )?;
-        registry.register(Box::new(inbox_dispatch_failures.clone()))?;
-        let inbox_consumer_lag = IntGaugeVec::new(
-            Opts::new("inbox_consumer_lag", "Messages behind the high watermark, per partition"),
-            &["topic", "partition"],
+        let inbox_partitions_assigned = registered(
+            &registry,
+            IntGauge::new(
+                "inbox_partitions_assigned",
+                "Partitions the inbox consumer holds after its last rebalance",
+            )?,
         )?;
-        registry.register(Box::new(inbox_consumer_lag.clone()))?;
-        let inbox_partitions_paused = IntGauge::new(
-            "inbox_partitions_paused",
-            "Inbound partitions paused because their worker is behind",
+        let inbox_group_rejoins = registered(
+            &registry,
+            IntCounter::new(
+                "inbox_group_rejoins_total",
+                "Times the inbox consumer rejoined its group because a partition no member consumed trailed without progress",
+            )?,
         )?;
-        registry.register(Box::new(inbox_partitions_paused.clone()))?;
-        let inbox_group_steady = IntGauge::new(
-            "inbox_group_steady",
-            "1 while the inbox consumer's group membership is steady (joined, assignment applied)",
-        )?;
-        registry.register(Box::new(inbox_group_steady.clone()))?;
-        let inbox_partitions_assigned = IntGauge::new(
-            "inbox_partitions_assigned",
-            "Partitions the inbox consumer holds after its last rebalance",
-        )?;
-        registry.register(Box::new(inbox_partitions_assigned.clone()))?;
-        let inbox_group_rejoins = IntCounter::new(
-            "inbox_group_rejoins_total",
-            "Times the inbox consumer rejoined its group because a partition no member consumed trailed without progress",
-        )?;
-        registry.register(Box::new(inbox_group_rejoins.clone()))?;
         let inbox_dlq_producer_rebuilds = counters(
             &registry,
             "inbox_dlq_producer_rebuilds_total",
             "Producers rebuilt by the inbox's dead-letter path (fatal error, or unresponsive)",
             &["reason"],
         )?;
-        let idempotency_outcomes = IntCounterVec::new(
-            Opts::new("idempotency_outcomes_total", "Idempotency-Key outcomes"),
-            &["outcome"],
+        let idempotency_outcomes = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("idempotency_outcomes_total", "Idempotency-Key outcomes"),
+                &["outcome"],
+            )?,
         )?;
-        registry.register(Box::new(idempotency_outcomes.clone()))?;
-        registry.register(Box::new(inbox_messages.clone()))?;
-        registry.register(Box::new(inbox_processing.clone()))?;
-        registry.register(Box::new(http_requests.clone()))?;
-        registry.register(Box::new(http_duration.clone()))?;
-        registry.register(Box::new(grpc_requests.clone()))?;
-        registry.register(Box::new(grpc_duration.clone()))?;
-        registry.register(Box::new(outbox_pending.clone()))?;
-        registry.register(Box::new(outbox_oldest_age.clone()))?;
-        registry.register(Box::new(outbox_published.clone()))?;
-        registry.register(Box::new(outbox_publish_errors.clone()))?;
-        registry.register(Box::new(outbox_dead_letters.clone()))?;
-        registry.register(Box::new(outbox_partitions_owned.clone()))?;
-        registry.register(Box::new(outbox_publish_latency.clone()))?;
-        let breaker_state = IntGaugeVec::new(
-            Opts::new("resilience_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open"),
-            &["dependency"],
+        let breaker_state = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("resilience_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open"),
+                &["dependency"],
+            )?,
         )?;
-        registry.register(Box::new(breaker_state.clone()))?;
         let breaker_transitions = counters(
             &registry,
             "resilience_breaker_transitions_total",
@@ -335,31 +393,37 @@ impl Metrics {
             "Calls to deprecated operations (served before the sunset, gone after it)",
             &["operation", "caller", "outcome"],
         )?;
-        let redis_call_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "redis_call_duration_seconds",
-                "Redis command latency, the policy's wait included",
-            )
-            .buckets(BUCKETS.to_vec()),
-            &["operation", "outcome"],
+        let redis_call_duration = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "redis_call_duration_seconds",
+                    "Redis command latency, the policy's wait included",
+                )
+                .buckets(BUCKETS.to_vec()),
+                &["operation", "outcome"],
+            )?,
         )?;
-        registry.register(Box::new(redis_call_duration.clone()))?;
-        let calls_waiting = IntGaugeVec::new(
-            Opts::new(
-                "resilience_calls_waiting",
-                "Calls waiting for a concurrency slot of the dependency's policy",
-            ),
-            &["dependency"],
+        let calls_waiting = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "resilience_calls_waiting",
+                    "Calls waiting for a concurrency slot of the dependency's policy",
+                ),
+                &["dependency"],
+            )?,
         )?;
-        registry.register(Box::new(calls_waiting.clone()))?;
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "orders_service_build_info",
-                "The running build: always 1, labelled with its version and commit",
-            ),
-            &["version", "commit"],
+        let build_info = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "orders_service_build_info",
+                    "The running build: always 1, labelled with its version and commit",
+                ),
+                &["version", "commit"],
+            )?,
         )?;
-        registry.register(Box::new(build_info.clone()))?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("GIT_COMMIT").unwrap_or("unknown")])
             .set(1);
