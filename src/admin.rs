@@ -191,8 +191,8 @@ async fn inject_event(
         payload: serde_json::to_vec(&event.data).unwrap_or_default(),
         headers: vec![
             ("ce_specversion".into(), "1.0".into()),
-            ("ce_id".into(), id.clone()),
-            ("ce_type".into(), event.r#type),
+            ("ce_id".into(), id.clone().into()),
+            ("ce_type".into(), event.r#type.into()),
             ("ce_source".into(), "/admin/bus".into()),
             ("content-type".into(), "application/json".into()),
         ],

@@ -279,11 +279,11 @@ pub fn grpc_status(span: &Span, code: &str) {
 
 /// The producer span of one relayed event, `send <topic>`: a child of the context stored
 /// with the outbox row (the request that wrote it); its own context goes into the Kafka
-/// headers.
-pub fn publish_span(topic: &str, message_id: &str, stored: &TraceContext) -> Span {
+/// headers. Field values are formatted only when the span is enabled.
+pub fn publish_span(topic: &str, message_id: &uuid::Uuid, stored: &TraceContext) -> Span {
     let span = tracing::info_span!("messaging.send", otel.name = %format!("send {topic}"), otel.kind = "producer",
         messaging.system = "kafka", messaging.operation.type = "send", messaging.operation.name = "send",
-        messaging.destination.name = topic, messaging.message.id = message_id,
+        messaging.destination.name = topic, messaging.message.id = %message_id,
         otel.status_code = tracing::field::Empty, "error.type" = tracing::field::Empty);
     continue_from(&span, |name| match name {
         "traceparent" => stored.traceparent.as_deref(),

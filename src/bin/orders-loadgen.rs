@@ -427,7 +427,7 @@ async fn raw_produce(options: &Options) -> anyhow::Result<Report> {
             ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
+        .map(|(k, v)| (k.into(), v.into()))
         .collect(),
     };
     if rate > 0 {

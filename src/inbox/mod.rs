@@ -35,7 +35,7 @@ use crate::{
     backoff::Backoff,
     metrics::Metrics,
     outbox::Wakeup,
-    publish::{OutboundMessage, PublishError, Publisher},
+    publish::{Header, OutboundMessage, PublishError, Publisher},
     store::{Store, StoreError},
 };
 
@@ -325,13 +325,14 @@ impl Inbox {
     async fn dead_letter(&self, message: &InboundMessage, reason: &str) -> anyhow::Result<()> {
         tracing::error!(topic = %message.topic, partition = message.partition, offset = message.offset, %reason,
             "inbox: poison message; sending to the DLQ");
-        let mut headers: Vec<(String, String)> = message.headers.clone();
+        let mut headers: Vec<Header> =
+            message.headers.iter().map(|(k, v)| (k.clone().into(), v.clone().into())).collect();
         headers.extend([
-            ("dlq_error".to_owned(), reason.to_owned()),
-            ("dlq_source_topic".to_owned(), message.topic.clone()),
-            ("dlq_source_partition".to_owned(), message.partition.to_string()),
-            ("dlq_source_offset".to_owned(), message.offset.to_string()),
-            ("dlq_consumer".to_owned(), self.settings.group_id.clone()),
+            ("dlq_error".into(), reason.to_owned().into()),
+            ("dlq_source_topic".into(), message.topic.clone().into()),
+            ("dlq_source_partition".into(), message.partition.to_string().into()),
+            ("dlq_source_offset".into(), message.offset.to_string().into()),
+            ("dlq_consumer".into(), self.settings.group_id.clone().into()),
         ]);
         let dlq = OutboundMessage {
             topic: format!("{}.dlq", message.topic),

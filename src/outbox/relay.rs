@@ -50,7 +50,7 @@ use super::{Lease, OutboxRecord, OutboxStore, RelayIdentity, Settle, Settlement,
 use crate::{
     backoff::Backoff,
     metrics::Metrics,
-    publish::{OutboundMessage, PublishError, Publisher},
+    publish::{Header, OutboundMessage, PublishError, Publisher},
     resilience::{Policy, breaker::Permit},
     store::StoreError,
     telemetry,
@@ -384,7 +384,7 @@ impl Relay {
     ) -> Flight {
         let spans: Vec<tracing::Span> = rows
             .iter()
-            .map(|r| telemetry::publish_span(&self.settings.topic, &r.message_id.to_string(), &r.trace))
+            .map(|r| telemetry::publish_span(&self.settings.topic, &r.message_id, &r.trace))
             .collect();
         let messages = rows.iter_mut().zip(&spans).map(|(r, span)| self.message(r, span)).collect();
         let aggregates = rows.iter().map(|r| r.aggregate_id.clone()).collect();
@@ -545,25 +545,26 @@ impl Relay {
 
     /// The Kafka message for a row: key = aggregate id, CloudEvents binary-mode headers, and
     /// the trace context of its publish span (or, with tracing off, the one stored).
-    /// Moves the payload out of the row (the row keeps only what settling it needs).
+    /// Moves the payload and trace context out of the row (the row keeps only what settling
+    /// it needs).
     fn message(&self, row: &mut OutboxRecord, span: &tracing::Span) -> OutboundMessage {
-        let mut headers = vec![
-            ("ce_specversion", "1.0".to_owned()),
-            ("ce_id", row.message_id.to_string()),
-            ("ce_type", row.event_type.clone()),
-            ("ce_source", self.settings.source.clone()),
-            ("ce_time", row.created_at.to_rfc3339_opts(SecondsFormat::Micros, true)),
-            ("ce_subject", row.aggregate_id.clone()),
-            ("content-type", "application/json".to_owned()),
-        ];
-        let trace = telemetry::context_of(span, row.trace.clone());
+        let mut headers: Vec<Header> = Vec::with_capacity(9);
+        headers.extend([
+            ("ce_specversion".into(), "1.0".into()),
+            ("ce_id".into(), row.message_id.to_string().into()),
+            ("ce_type".into(), row.event_type.clone().into()),
+            ("ce_source".into(), self.settings.source.clone().into()),
+            ("ce_time".into(), row.created_at.to_rfc3339_opts(SecondsFormat::Micros, true).into()),
+            ("ce_subject".into(), row.aggregate_id.clone().into()),
+            ("content-type".into(), "application/json".into()),
+        ]);
+        let trace = telemetry::context_of(span, std::mem::take(&mut row.trace));
         if let Some(tp) = trace.traceparent {
-            headers.push(("traceparent", tp));
+            headers.push(("traceparent".into(), tp.into()));
         }
         if let Some(ts) = trace.tracestate {
-            headers.push(("tracestate", ts));
+            headers.push(("tracestate".into(), ts.into()));
         }
-        let headers = headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         OutboundMessage {
             topic: self.settings.topic.clone(),
             key: row.aggregate_id.clone(),

@@ -270,7 +270,7 @@ impl Publisher for KafkaPublisher {
             }
             let headers =
                 m.headers.iter().fold(OwnedHeaders::new_with_capacity(m.headers.len()), |h, (k, v)| {
-                    h.insert(Header { key: k.as_str(), value: Some(v.as_bytes()) })
+                    h.insert(Header { key: k, value: Some(v.as_bytes()) })
                 });
             let record =
                 FutureRecord::to(&m.topic).key(m.key.as_bytes()).payload(&m.payload).headers(headers);

@@ -93,7 +93,7 @@ impl Publisher for InMemoryBus {
                     offset: *next,
                     key: m.key,
                     payload: m.payload,
-                    headers: m.headers,
+                    headers: super::owned_headers(m.headers),
                 };
                 *next += 1;
                 if log.len() == RETAINED_PER_TOPIC {

@@ -118,7 +118,7 @@ pub fn event(topic: &str, ce_type: &str, id: &str, key: &str, data: serde_json::
             ("content-type", "application/json"),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .map(|(k, v)| (k.into(), v.to_owned().into()))
         .collect(),
     }
 }
@@ -141,7 +141,7 @@ pub fn inbound(message: &OutboundMessage, offset: i64) -> InboundMessage {
         partition: 0,
         offset,
         key: Some(message.key.clone().into_bytes()),
-        headers: message.headers.clone(),
+        headers: orders_service::publish::owned_headers(message.headers.clone()),
         payload: message.payload.clone(),
     }
 }

@@ -43,9 +43,10 @@ async fn produce_to(partition: i32, messages: Vec<OutboundMessage>) {
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", kafka::brokers()).create().expect("producer");
     for m in &messages {
-        let headers = m.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-            h.insert(Header { key: k.as_str(), value: Some(v.as_bytes()) })
-        });
+        let headers = m
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_bytes()) }));
         let record = FutureRecord::to(&m.topic)
             .partition(partition)
             .key(m.key.as_bytes())

@@ -302,10 +302,10 @@ async fn one_trace_spans_the_request_the_relay_the_consumer_and_order_paid() {
                       "currency": created["currency"]});
     let mut payment =
         event(&topics.payments, "payments.events.v1.PaymentCaptured", "pay-otel-1", &id, data.clone());
-    payment.headers.push(("traceparent".into(), order_created.headers["traceparent"].clone()));
+    payment.headers.push(("traceparent".into(), order_created.headers["traceparent"].clone().into()));
     // A second capture for the now-paid order is rejected, with a warning logged in its span.
     let mut late = event(&topics.payments, "payments.events.v1.PaymentCaptured", "pay-otel-2", &id, data);
-    late.headers.push(("traceparent".into(), order_created.headers["traceparent"].clone()));
+    late.headers.push(("traceparent".into(), order_created.headers["traceparent"].clone().into()));
     produce(vec![payment, late]).await;
     let order_paid = published("orders.events.v1.OrderPaid").await;
 

@@ -331,7 +331,7 @@ impl Publisher for FailFirstAttempt {
         // The publisher contract: after a key's failure, nothing later with that key is sent.
         let mut failed_keys = std::collections::HashSet::new();
         for message in messages {
-            let ce = |name: &str| message.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            let ce = |name: &str| message.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.to_string());
             let first = self.contract && failed_keys.contains(&message.key)
                 || ce("ce_type").as_deref() == Some(self.ce_type)
                     && self.failed.lock().expect("lock").insert(ce("ce_id").unwrap_or_default());
