@@ -106,6 +106,13 @@ impl Orders {
             self.wakeup.committed(event.partition);
             return Ok(Created { order, replayed: false });
         }
+        // Rare (the binding was released and taken again twice while this request ran), and
+        // answered with the same 409 as a live in-flight marker: logged so the two are told
+        // apart when a client reports a key stuck in flight.
+        tracing::warn!(
+            key = idempotency.map(|i| i.key.as_str()),
+            "the Idempotency-Key's database binding changed hands twice during this create; answering 409"
+        );
         Err(OrderError::IdempotencyInFlight)
     }
 

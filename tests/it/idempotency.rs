@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::support::{TestApp, lock_order, problem, until_blocked_on_lock, valid_order};
 
-fn redis_url() -> String {
+pub(crate) fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 

@@ -1,6 +1,6 @@
 //! Idempotency-Key under faults and unusual use: one key used on two different targets, a
-//! blackholed Redis, and concurrent retries of an expired key with only the database
-//! backstop answering.
+//! blackholed Redis, concurrent retries of an expired key with only the database backstop
+//! answering, and a create in flight on a replica killed with `kill -9`.
 
 use std::time::{Duration, Instant};
 
@@ -9,8 +9,10 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
 use crate::{
+    idempotency::redis_url,
+    kafka::free_port,
     proxy::Blackhole,
-    support::{Backend, TestApp, valid_order},
+    support::{Backend, TestApp, eventually, fresh_postgres, until_blocked_on_lock, valid_order},
 };
 
 fn replayed(response: &reqwest::Response) -> bool {
@@ -168,4 +170,83 @@ async fn concurrent_retries_of_an_expired_key_make_exactly_one_new_order() {
     let orders: i64 =
         sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&mut conn).await.expect("count");
     assert_eq!(orders, 2, "the first order and exactly one new one");
+}
+
+/// The shape of chaos-ledger run 13: a REST create in flight on a replica when it is killed
+/// with `kill -9`, holding the key's in-flight marker in Redis and an uncommitted order row
+/// that binds the key in PostgreSQL. The client's retries on another replica are answered
+/// 409 while the marker lives; after it lapses a retry makes the one order. Fails if the
+/// dead request's marker or key binding outlives the lock TTL.
+#[tokio::test]
+async fn a_create_in_flight_on_a_killed_replica_is_made_by_a_retry_once_its_marker_lapses() {
+    const LOCK_TTL: Duration = Duration::from_secs(2);
+    let (database_url, redis) = (fresh_postgres().await, redis_url());
+    let prefix = format!("test-{}:", uuid::Uuid::now_v7().simple());
+    let lock_ttl = LOCK_TTL.as_millis().to_string();
+    let shared = [
+        ("APP_ROLES", "api"),
+        ("APP_REDIS__URL", redis.as_str()),
+        ("APP_REDIS__KEY_PREFIX", prefix.as_str()),
+        ("APP_IDEMPOTENCY__LOCK_TTL_MS", lock_ttl.as_str()),
+        ("APP_HTTP__REQUEST_TIMEOUT_MS", "1500"), // below the lock TTL, as the settings require
+    ];
+    let survivor = TestApp::start_on(database_url.clone(), &shared).await; // applies the migrations
+    let victim_http = format!("127.0.0.1:{}", free_port());
+    let mut victim = std::process::Command::new(env!("CARGO_BIN_EXE_orders-service"))
+        .env_clear()
+        .envs(shared)
+        .env("APP_DATABASE__URL", &database_url)
+        .env("APP_HTTP__ADDR", &victim_http)
+        .env("APP_GRPC__ADDR", "127.0.0.1:0")
+        .env("APP_ADMIN__ADDR", "127.0.0.1:0")
+        .env("APP_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the victim replica starts");
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the victim replica to be ready", || async {
+        let ready = client.get(format!("http://{victim_http}/readyz")).send().await;
+        ready.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    // Its create binds the key (INSERT orders) and then waits on the outbox insert.
+    let mut lock = PgConnection::connect(&database_url).await.expect("connect");
+    sqlx::query("BEGIN").execute(&mut lock).await.expect("begin");
+    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE").execute(&mut lock).await.expect("lock");
+    let in_flight = {
+        let request =
+            client.post(format!("http://{victim_http}/v1/orders")).header("idempotency-key", "killed-1");
+        tokio::spawn(request.json(&valid_order()).send())
+    };
+    until_blocked_on_lock(&database_url).await;
+    victim.kill().expect("kill -9");
+    victim.wait().expect("reaped");
+    let killed = Instant::now();
+    drop(lock);
+    assert!(in_flight.await.expect("task").is_err(), "the client saw its connection die");
+
+    let (mut conflicts, deadline) = (0, killed + LOCK_TTL + Duration::from_secs(5));
+    let created = loop {
+        let retry = survivor.create_with_key(&valid_order(), "killed-1").await;
+        match retry.status().as_u16() {
+            201 => break retry.json::<Value>().await.expect("order"),
+            409 if Instant::now() < deadline => conflicts += 1,
+            status => panic!(
+                "retry {:.1} s after the kill: {status} {}",
+                killed.elapsed().as_secs_f64(),
+                retry.text().await.unwrap_or_default()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "made by a retry {:.1} s after the kill, after {conflicts} × 409",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(conflicts > 0, "the dead request's marker answered 409 until it lapsed");
+    let mut conn = PgConnection::connect(&database_url).await.expect("connect");
+    let orders: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM orders").fetch_all(&mut conn).await.expect("orders");
+    assert_eq!(orders, [created["id"].as_str().expect("id")], "exactly the one order the retry returned");
 }
