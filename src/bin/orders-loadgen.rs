@@ -18,7 +18,8 @@
 //! relay's messages (same keys, payload size, CloudEvents headers) with the relay's own
 //! producer, as fast as it can or, with `--rate`, at a rate while it reads them back
 //! (produce → consume latency). `e2e-latency` creates over REST at a rate while it reads
-//! the events topic: create → receipt of `OrderCreated`. `verify-topic` reads a topic whole
+//! the events topic: create → receipt of `OrderCreated`, and answer → receipt (the create's
+//! commit is behind its answer, so this is the relay's and the broker's part alone). `verify-topic` reads a topic whole
 //! and fails unless it holds exactly `--expect` records with distinct `ce_id`s, one per key
 //! for OrderCreated, and, where payloads carry a `seq`, every key's records in order. Prints
 //! one JSON line, then a table.
@@ -76,15 +77,22 @@ struct Report {
     seconds: f64,
     /// Latencies in microseconds.
     latency: Histogram<u64>,
+    /// `e2e-latency` only: from the create's answer (its commit is behind it) to receipt,
+    /// the part of the path that compares with the broker's own produce → consume.
+    answered: Option<Histogram<u64>>,
 }
 
 impl Report {
     fn print(&self) {
         let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
         let rate = self.ok as f64 / self.seconds;
+        let answered = self.answered.as_ref().map_or(String::new(), |h| {
+            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+            format!(",\"answered_p50_ms\":{:.2},\"answered_p99_ms\":{:.2}", ms(0.5), ms(0.99))
+        });
         println!(
             "{{\"mode\":\"{}\",\"ok\":{},\"errors\":{},\"created_total\":{},\"seconds\":{:.2},\"per_second\":{:.0},\
-             \"p50_ms\":{:.2},\"p99_ms\":{:.2},\"max_ms\":{:.2}}}",
+             \"p50_ms\":{:.2},\"p99_ms\":{:.2},\"max_ms\":{:.2}{answered}}}",
             self.mode,
             self.ok,
             self.errors,
@@ -107,8 +115,15 @@ impl Report {
             ms(0.99),
             ms(1.0)
         );
+        if let Some(h) = &self.answered {
+            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+            println!("| answer → receipt | | | | {:.2} | {:.2} | {:.2} |", ms(0.5), ms(0.99), ms(1.0));
+        }
     }
 }
+
+/// Order id → when its create was started (or scheduled) and when it was answered.
+type Sent = Arc<Mutex<HashMap<String, (Instant, Instant)>>>;
 
 /// The run's clock: warm-up, then the measured window.
 #[derive(Clone, Copy)]
@@ -241,7 +256,7 @@ async fn drive(
     options: &Options,
     mode: &str,
     create: CreateFn,
-    sent: Option<Arc<Mutex<HashMap<String, Instant>>>>,
+    sent: Option<Sent>,
 ) -> anyhow::Result<Report> {
     let concurrency = usize::try_from(options.number("concurrency", 64)?)?.max(1);
     let rate = options.number("rate", 0)?;
@@ -254,7 +269,7 @@ async fn drive(
             async move {
                 let result = create(worker).await.map(|id| {
                     if let Some(sent) = &sent {
-                        lock(sent).insert(id, start);
+                        lock(sent).insert(id, (start, Instant::now()));
                     }
                 });
                 lock(&tally).record(&window, start, &result);
@@ -304,6 +319,7 @@ async fn drive(
         created_total: tally.created_total,
         seconds: window.seconds(),
         latency: tally.latency.clone(),
+        answered: None,
     })
 }
 
@@ -360,7 +376,7 @@ fn follow(
 async fn e2e_latency(options: &Options) -> anyhow::Result<Report> {
     let (brokers, topic) =
         (options.text("brokers", "127.0.0.1:9092"), options.text("topic", "orders.events"));
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let sent: Sent = Arc::default();
     let received: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sink = received.clone();
@@ -377,11 +393,15 @@ async fn e2e_latency(options: &Options) -> anyhow::Result<Report> {
     let _ = reader.join();
     let (sent, received) = (lock(&sent), lock(&received));
     let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let mut answered = latency.clone();
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
     let mut arrived = 0u64;
     for (key, at) in received.iter() {
-        if let Some(start) = sent.get(key) {
+        if let Some((start, answer)) = sent.get(key) {
             arrived += 1;
-            latency.saturating_record(u64::try_from((*at - *start).as_micros()).unwrap_or(u64::MAX).max(1));
+            latency.saturating_record(micros(*at - *start));
+            // An event may arrive before its create's answer does: 0, not negative.
+            answered.saturating_record(micros(at.saturating_duration_since(*answer)));
         }
     }
     let missing = sent.len() as u64 - arrived.min(sent.len() as u64);
@@ -392,6 +412,7 @@ async fn e2e_latency(options: &Options) -> anyhow::Result<Report> {
         created_total: creates.created_total,
         seconds: creates.seconds,
         latency,
+        answered: Some(answered),
     })
 }
 
@@ -481,6 +502,7 @@ async fn raw_produce(options: &Options) -> anyhow::Result<Report> {
             created_total: 0,
             seconds: window.seconds(),
             latency,
+            answered: None,
         });
     }
     // Throughput: batches of the relay's size, several in flight, as the relay's partitions are.
@@ -512,7 +534,15 @@ async fn raw_produce(options: &Options) -> anyhow::Result<Report> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let latency = lock(&latency).clone();
-    Ok(Report { mode: "raw-produce".into(), ok, errors: messages - ok, created_total: 0, seconds, latency })
+    Ok(Report {
+        mode: "raw-produce".into(),
+        ok,
+        errors: messages - ok,
+        created_total: 0,
+        seconds,
+        latency,
+        answered: None,
+    })
 }
 
 /// Reads `topic` whole (every partition from the beginning until 3 s pass with nothing new)
