@@ -15,6 +15,7 @@
 # After each load it checks correctness: orders rows = successful creates, exactly one
 # OrderCreated per order on the topic with distinct ce_ids, per-key order of the drain.
 # Bounded: each phase runs BENCH_SECONDS (default 15) against 127.0.0.1 only, then stops.
+# The broker is a tansu of the run's own (BENCH_BROKERS=host:port to measure another).
 # BENCH_SMOKE=1 (the test command) runs every phase for 2 s on the debug build, to keep the
 # script and every loadgen mode working; its figures mean nothing.
 set -euo pipefail
@@ -30,18 +31,34 @@ else
 fi
 command -v pgbench >/dev/null || die "pgbench comes with PostgreSQL's server package (scripts/services.sh)"
 [ -x /usr/bin/time ] || apt_install time # CPU of the load generators (GNU time)
-BROKERS="${TEST_KAFKA_BROKERS:-127.0.0.1:9092}"
 REDIS="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
 DB="orders_bench_$$"
 psql "$TEST_DATABASE_URL" -qc "CREATE DATABASE $DB"
 DB_URL="$(printf '%s' "$TEST_DATABASE_URL" | sed -E "s#/[^/?]+(\?|$)#/$DB\1#")"
-pid=""
+pid="" broker_pid=""
 cleanup() {
   if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  if [ -n "$broker_pid" ]; then kill -TERM "$broker_pid" 2>/dev/null || true; wait "$broker_pid" 2>/dev/null || true; fi
   psql "$TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+
+# The broker: BENCH_BROKERS if set, else a tansu of this run's own (memory storage), so
+# every run starts from an empty broker. The shared test broker keeps every topic of every
+# earlier run in memory: after some 30 drains it held 1.9 GB and spent twice the CPU per
+# event (BENCHMARKS.md, run 6).
+if [ -n "${BENCH_BROKERS:-}" ]; then
+  BROKERS="$BENCH_BROKERS"
+else
+  broker_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  BROKERS="127.0.0.1:$broker_port"
+  env -u OTEL_EXPORTER_OTLP_ENDPOINT "${TANSU_BIN:-$ORDERS_CACHE/tansu/bin/tansu}" broker \
+    --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
+    --storage-engine memory://tansu/ >"$ORDERS_CACHE/bench-tansu.log" 2>&1 &
+  broker_pid=$!
+  wait_for 30 "the benchmark's broker on $BROKERS" bash -c "(exec 3<>/dev/tcp/127.0.0.1/$broker_port)"
+fi
 cargo build --quiet "${BUILD[@]}" --bin orders-service --bin orders-loadgen
 BIN="$CARGO_TARGET_DIR/$PROFILE/orders-service"
 LOADGEN="$CARGO_TARGET_DIR/$PROFILE/orders-loadgen"
