@@ -179,7 +179,7 @@ async fn concurrent_retries_of_an_expired_key_make_exactly_one_new_order() {
 /// dead request's marker or key binding outlives the lock TTL.
 #[tokio::test]
 async fn a_create_in_flight_on_a_killed_replica_is_made_by_a_retry_once_its_marker_lapses() {
-    const LOCK_TTL: Duration = Duration::from_secs(2);
+    const LOCK_TTL: Duration = Duration::from_secs(3);
     let (database_url, redis) = (fresh_postgres().await, redis_url());
     let prefix = format!("test-{}:", uuid::Uuid::now_v7().simple());
     let lock_ttl = LOCK_TTL.as_millis().to_string();
@@ -188,7 +188,9 @@ async fn a_create_in_flight_on_a_killed_replica_is_made_by_a_retry_once_its_mark
         ("APP_REDIS__URL", redis.as_str()),
         ("APP_REDIS__KEY_PREFIX", prefix.as_str()),
         ("APP_IDEMPOTENCY__LOCK_TTL_MS", lock_ttl.as_str()),
-        ("APP_HTTP__REQUEST_TIMEOUT_MS", "1500"), // below the lock TTL, as the settings require
+        // Below the lock TTL, as the settings require, and far above the time the victim's
+        // create waits on the lock before the kill, so its own timeout never releases the key.
+        ("APP_HTTP__REQUEST_TIMEOUT_MS", "2500"),
     ];
     let survivor = TestApp::start_on(database_url.clone(), &shared).await; // applies the migrations
     let victim_http = format!("127.0.0.1:{}", free_port());
