@@ -53,9 +53,7 @@ if [ -n "${BENCH_BROKERS:-}" ]; then
 else
   broker_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   BROKERS="127.0.0.1:$broker_port"
-  env -u OTEL_EXPORTER_OTLP_ENDPOINT "${TANSU_BIN:-$ORDERS_CACHE/tansu/bin/tansu}" broker \
-    --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
-    --storage-engine memory://tansu/ >"$ORDERS_CACHE/bench-tansu.log" 2>&1 &
+  tansu_broker "$BROKERS" "$ORDERS_CACHE/bench-tansu.log"
   broker_pid=$!
   wait_for 30 "the benchmark's broker on $BROKERS" bash -c "(exec 3<>/dev/tcp/127.0.0.1/$broker_port)"
 fi

@@ -21,8 +21,6 @@ if (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null; then
   exit 0 # a broker is already listening
 fi
 log "starting tansu on 127.0.0.1:9092 (pid in $ORDERS_CACHE/tansu.pid)"
-env -u OTEL_EXPORTER_OTLP_ENDPOINT nohup "$TANSU_BIN" broker \
-  --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
-  --storage-engine memory://tansu/ >"$ORDERS_CACHE/tansu.log" 2>&1 &
+tansu_broker 127.0.0.1:9092 "$ORDERS_CACHE/tansu.log"
 echo $! >"$ORDERS_CACHE/tansu.pid"
 wait_for 30 "tansu on 127.0.0.1:9092" bash -c '(exec 3<>/dev/tcp/127.0.0.1/9092)'

@@ -44,6 +44,13 @@ build_deps() {
   apt_install libssl-dev pkg-config
 }
 
+# tansu_broker HOST:PORT LOG: starts a tansu broker (memory storage) in the background,
+# listening on and advertising HOST:PORT; the caller records its PID ($!) and stops it.
+tansu_broker() {
+  env -u OTEL_EXPORTER_OTLP_ENDPOINT nohup "${TANSU_BIN:-$ORDERS_CACHE/tansu/bin/tansu}" broker \
+    --listener-url "tcp://$1" --advertised-listener-url "tcp://$1" --storage-engine memory://tansu/ >"$2" 2>&1 &
+}
+
 # wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND every 0.2 s until it succeeds.
 wait_for() {
   local seconds="$1" what="$2"; shift 2
