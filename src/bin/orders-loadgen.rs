@@ -19,10 +19,10 @@
 //! producer, as fast as it can or, with `--rate`, at a rate while it reads them back
 //! (produce → consume latency). `e2e-latency` creates over REST at a rate while it reads
 //! the events topic: create → receipt of `OrderCreated`, and answer → receipt (the create's
-//! commit is behind its answer, so this is the relay's and the broker's part alone). `verify-topic` reads a topic whole
-//! and fails unless it holds exactly `--expect` records with distinct `ce_id`s, one per key
-//! for OrderCreated, and, where payloads carry a `seq`, every key's records in order. Prints
-//! one JSON line, then a table.
+//! commit is behind its answer, so this is the relay's and the broker's part alone).
+//! `verify-topic` reads a topic whole and fails unless it holds exactly `--expect` records
+//! with distinct `ce_id`s, one per key for OrderCreated, and, where payloads carry a `seq`,
+//! every key's records in order. Prints one JSON line, then a table.
 
 use std::{
     collections::HashMap,
@@ -84,11 +84,10 @@ struct Report {
 
 impl Report {
     fn print(&self) {
-        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        let latency_ms = |q: f64| ms(&self.latency, q);
         let rate = self.ok as f64 / self.seconds;
         let answered = self.answered.as_ref().map_or(String::new(), |h| {
-            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-            format!(",\"answered_p50_ms\":{:.2},\"answered_p99_ms\":{:.2}", ms(0.5), ms(0.99))
+            format!(",\"answered_p50_ms\":{:.2},\"answered_p99_ms\":{:.2}", ms(h, 0.5), ms(h, 0.99))
         });
         println!(
             "{{\"mode\":\"{}\",\"ok\":{},\"errors\":{},\"created_total\":{},\"seconds\":{:.2},\"per_second\":{:.0},\
@@ -99,9 +98,9 @@ impl Report {
             self.created_total,
             self.seconds,
             rate,
-            ms(0.5),
-            ms(0.99),
-            ms(1.0)
+            latency_ms(0.5),
+            latency_ms(0.99),
+            latency_ms(1.0)
         );
         println!("| mode | ok | errors | per second | p50 ms | p99 ms | max ms |");
         println!("|---|---|---|---|---|---|---|");
@@ -111,15 +110,29 @@ impl Report {
             self.ok,
             self.errors,
             rate,
-            ms(0.5),
-            ms(0.99),
-            ms(1.0)
+            latency_ms(0.5),
+            latency_ms(0.99),
+            latency_ms(1.0)
         );
         if let Some(h) = &self.answered {
-            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-            println!("| answer → receipt | | | | {:.2} | {:.2} | {:.2} |", ms(0.5), ms(0.99), ms(1.0));
+            println!(
+                "| answer → receipt | | | | {:.2} | {:.2} | {:.2} |",
+                ms(h, 0.5),
+                ms(h, 0.99),
+                ms(h, 1.0)
+            );
         }
     }
+}
+
+/// A latency histogram's quantile `q`, in milliseconds.
+fn ms(histogram: &Histogram<u64>, q: f64) -> f64 {
+    histogram.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// A duration as the histograms record it: whole microseconds, at least 1.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
 /// Order id → when its create was started (or scheduled) and when it was answered.
@@ -171,8 +184,7 @@ impl Tally {
         match result {
             Ok(()) => {
                 self.ok += 1;
-                let micros = u64::try_from((now - start).as_micros()).unwrap_or(u64::MAX).max(1);
-                self.latency.saturating_record(micros);
+                self.latency.saturating_record(micros(now - start));
             }
             Err(e) => {
                 self.errors += 1;
@@ -394,7 +406,6 @@ async fn e2e_latency(options: &Options) -> anyhow::Result<Report> {
     let (sent, received) = (lock(&sent), lock(&received));
     let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
     let mut answered = latency.clone();
-    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
     let mut arrived = 0u64;
     for (key, at) in received.iter() {
         if let Some((start, answer)) = sent.get(key) {
@@ -459,8 +470,7 @@ async fn raw_produce(options: &Options) -> anyhow::Result<Report> {
         let (seen_sent, seen_latency) = (sent.clone(), latency.clone());
         let reader = follow(&brokers, &topic, stop.clone(), move |key, at| {
             if let Some(start) = lock(&seen_sent).remove(&key) {
-                lock(&seen_latency)
-                    .saturating_record(u64::try_from((at - start).as_micros()).unwrap_or(u64::MAX));
+                lock(&seen_latency).saturating_record(micros(at - start));
             }
         })?;
         let window = Window::new(options)?;
@@ -522,8 +532,7 @@ async fn raw_produce(options: &Options) -> anyhow::Result<Report> {
         tasks.spawn(async move {
             let start = Instant::now();
             let results = publisher.publish(batch).await;
-            let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-            lock(&latency).saturating_record(micros);
+            lock(&latency).saturating_record(micros(start.elapsed()));
             drop(permit);
             results.iter().filter(|r| r.is_ok()).count() as u64
         });
