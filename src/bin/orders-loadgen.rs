@@ -437,6 +437,8 @@ async fn raw_produce(options: &Options) -> anyhow::Result<Report> {
         brokers: brokers.clone(),
         message_timeout: Duration::from_secs(30),
         message_max_bytes: 1_000_000,
+        // The service's default (APP_KAFKA__LINGER_MS); the ceiling uses the relay's settings.
+        linger: Duration::from_millis(options.number("linger-ms", 0)?),
         properties: Vec::new(),
     };
     // The layout the service gives the topics it creates (APP_KAFKA__TOPIC_PARTITIONS).

@@ -551,6 +551,7 @@ mod tests {
             brokers: "127.0.0.1:9092".into(),
             message_timeout: Duration::from_secs(10),
             message_max_bytes: 1_000_000,
+            linger: Duration::ZERO,
             properties: properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         }
     }

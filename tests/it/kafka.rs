@@ -27,6 +27,7 @@ pub fn settings(brokers: &str) -> KafkaSettings {
         brokers: brokers.to_owned(),
         message_timeout: Duration::from_secs(2),
         message_max_bytes: 1_000_000,
+        linger: Duration::ZERO,
         properties: Vec::new(),
     }
 }
