@@ -280,7 +280,8 @@ async fn drive(
             let (create, tally, sent) = (create.clone(), tally.clone(), sent.clone());
             async move {
                 let result = create(worker).await.map(|id| {
-                    if let Some(sent) = &sent {
+                    // Like `tally`, only what started inside the measured window counts.
+                    if let Some(sent) = sent.as_ref().filter(|_| start >= window.measure_from) {
                         lock(sent).insert(id, (start, Instant::now()));
                     }
                 });
@@ -396,9 +397,13 @@ async fn e2e_latency(options: &Options) -> anyhow::Result<Report> {
     let mut options = Options(options.0.clone());
     options.0.entry("rate".into()).or_insert_with(|| "50".into());
     let creates = drive(&options, "e2e-latency", rest_create(&options)?, Some(sent.clone())).await?;
-    // Give the last events time to arrive.
+    // Give the last events time to arrive (the warm-up's events are received, not counted).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while lock(&received).len() < lock(&sent).len() && Instant::now() < deadline {
+    let arrived = || {
+        let sent = lock(&sent);
+        lock(&received).iter().filter(|(key, _)| sent.contains_key(key)).count()
+    };
+    while arrived() < lock(&sent).len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
