@@ -13,9 +13,10 @@ use std::{sync::RwLock, time::Duration};
 use anyhow::Context;
 use async_trait::async_trait;
 use rdkafka::{
-    ClientConfig,
+    ClientConfig, ClientContext,
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
     client::DefaultClientContext,
+    config::RDKafkaLogLevel,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{BaseProducer, FutureProducer, FutureRecord, Producer},
@@ -201,7 +202,7 @@ pub struct KafkaPublisher {
     config: ClientConfig,
     /// Swapped by [`Publisher::recover`]; cloned (an `Arc` inside) for each batch, so the
     /// lock is never held across I/O.
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<FutureProducer<ProducerContext>>,
 }
 
 impl KafkaPublisher {
@@ -215,14 +216,40 @@ impl KafkaPublisher {
             .set("linger.ms", settings.linger.as_millis().to_string())
             .set("message.timeout.ms", settings.message_timeout.as_millis().to_string())
             .set("message.max.bytes", settings.message_max_bytes.to_string());
-        let producer = config.create().context("creating the Kafka producer (check APP_KAFKA__*)")?;
+        let producer = config
+            .create_with_context(ProducerContext)
+            .context("creating the Kafka producer (check APP_KAFKA__*)")?;
         Ok(Self { config, producer: RwLock::new(producer) })
     }
 
-    fn producer(&self) -> FutureProducer {
+    fn producer(&self) -> FutureProducer<ProducerContext> {
         match self.producer.read() {
             Ok(producer) => producer.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The producer's librdkafka context: it logs as the default one does, except librdkafka's
+/// warning that `enable.gapless.guarantee` is experimental. The publisher sets that property
+/// on purpose (it is what keeps a rejected batch from leaving a gap), so the warning said
+/// nothing an operator could act on, at WARN level, at every start and every rebuild.
+struct ProducerContext;
+
+impl ProducerContext {
+    /// Whether a librdkafka log line is the warning about a property this publisher sets
+    /// knowingly.
+    fn expected(facility: &str, message: &str) -> bool {
+        facility == "CONFWARN" && message.contains("enable.gapless.guarantee")
+    }
+}
+
+impl ClientContext for ProducerContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if Self::expected(facility, message) {
+            tracing::debug!(target: "librdkafka", facility, message, "expected configuration warning");
+        } else {
+            DefaultClientContext.log(level, facility, message);
         }
     }
 }
@@ -315,8 +342,10 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn recover(&self) -> anyhow::Result<()> {
-        let fresh: FutureProducer =
-            self.config.create().context("re-creating the Kafka producer after a fatal error")?;
+        let fresh = self
+            .config
+            .create_with_context(ProducerContext)
+            .context("re-creating the Kafka producer after a fatal error")?;
         let old = match self.producer.write() {
             Ok(mut producer) => std::mem::replace(&mut *producer, fresh),
             Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
@@ -343,6 +372,16 @@ mod tests {
         let publisher = KafkaPublisher::new(&settings).expect("producer");
         assert_eq!(publisher.config.get("linger.ms"), Some("7"));
         assert_eq!(publisher.config.get("acks"), Some("all"), "the relay's guarantees are not configurable");
+    }
+
+    #[test]
+    fn only_the_gapless_guarantee_warning_is_quietened() {
+        let gapless =
+            "Configuration property enable.gapless.guarantee is experimental: When set to `true`, …";
+        assert!(ProducerContext::expected("CONFWARN", gapless));
+        let other = "Configuration property fetch.wait.max.ms is a consumer property and will be ignored by this producer instance";
+        assert!(!ProducerContext::expected("CONFWARN", other), "other configuration warnings stay warnings");
+        assert!(!ProducerContext::expected("FAIL", gapless));
     }
 
     #[test]
