@@ -216,10 +216,13 @@ impl KafkaPublisher {
             .set("linger.ms", settings.linger.as_millis().to_string())
             .set("message.timeout.ms", settings.message_timeout.as_millis().to_string())
             .set("message.max.bytes", settings.message_max_bytes.to_string());
-        let producer = config
-            .create_with_context(ProducerContext)
-            .context("creating the Kafka producer (check APP_KAFKA__*)")?;
+        let producer = Self::create(&config).context("creating the Kafka producer (check APP_KAFKA__*)")?;
         Ok(Self { config, producer: RwLock::new(producer) })
+    }
+
+    /// A producer from `config`, with this publisher's logging context (first and rebuilt alike).
+    fn create(config: &ClientConfig) -> rdkafka::error::KafkaResult<FutureProducer<ProducerContext>> {
+        config.create_with_context(ProducerContext)
     }
 
     fn producer(&self) -> FutureProducer<ProducerContext> {
@@ -342,10 +345,8 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn recover(&self) -> anyhow::Result<()> {
-        let fresh = self
-            .config
-            .create_with_context(ProducerContext)
-            .context("re-creating the Kafka producer after a fatal error")?;
+        let fresh =
+            Self::create(&self.config).context("re-creating the Kafka producer after a fatal error")?;
         let old = match self.producer.write() {
             Ok(mut producer) => std::mem::replace(&mut *producer, fresh),
             Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
