@@ -609,6 +609,68 @@ async fn a_pipelined_relay_publishes_a_backlog_once_and_in_order(backend: Backen
     }
 }
 
+/// A caught-up relay does not wait for a batch's settle, only for its acknowledgement: while
+/// the settle of one event is blocked (its row locked by another transaction), an event
+/// committed meanwhile still goes out, and once the lock is gone each went out once. A relay
+/// that waited for the settle would hold the second event until the lock is released.
+#[tokio::test]
+async fn a_caught_up_relay_publishes_the_next_commit_while_the_last_batch_settles() {
+    let pipeline = Pipeline::new(Backend::Postgres).await;
+    let sink = Sink::bus(1 << 20);
+    let relay = pipeline.relay_to("relay-settle-behind", &sink);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(relay.clone().run(stop.clone()));
+    let on_the_bus = |n: usize| {
+        let sink = &sink;
+        move || async move { sink.read(n).await.len() >= n }
+    };
+    // One acknowledged pass opens the window beyond one batch (slow start).
+    pipeline.create(1).await;
+    crate::support::eventually(Duration::from_secs(10), "the first event", on_the_bus(1)).await;
+
+    // The second order is committed without waking the relay, so its row is locked before
+    // the relay sees it; then the relay is woken.
+    let quiet = Orders::new(pipeline.store.clone(), Wakeup::new(None), PARTITIONS);
+    let settling = new_order(&quiet, 1).await;
+    let pool = sqlx::PgPool::connect(&pipeline.url).await.expect("connect");
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM outbox WHERE aggregate_id = $1 FOR UPDATE")
+        .bind(settling.id.to_string())
+        .fetch_one(&mut *lock)
+        .await
+        .expect("lock the row");
+    pipeline.wakeup().wake_local();
+    crate::support::eventually(Duration::from_secs(10), "the second event", on_the_bus(2)).await;
+
+    let next = pipeline.create(1).await;
+    // Shorter than the statement timeout, after which the blocked settle fails and the
+    // relay goes on (publishing the second event again).
+    crate::support::eventually(
+        Duration::from_secs(2),
+        "the third event while the second is still settling",
+        on_the_bus(3),
+    )
+    .await;
+    let unsettled: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE aggregate_id = $1")
+        .bind(settling.id.to_string())
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(unsettled, 1, "the second event's settle was still blocked");
+
+    lock.rollback().await.expect("release the lock");
+    crate::support::eventually(Duration::from_secs(10), "the outbox to drain", || async {
+        pipeline.pending().await == 0
+    })
+    .await;
+    stop.cancel();
+    running.await.expect("relay stops");
+    let keys: Vec<String> = sink.read(3).await.into_iter().map(|r| r.key).collect();
+    assert_eq!(keys.len(), 3, "each event once: {keys:?}");
+    assert_eq!(keys[1..], [settling.id.to_string(), next.id.to_string()]);
+    assert_eq!(pipeline.metrics.outbox_published.get(), 3);
+}
+
 /// An order's create and cancel, both pending, go out in one pass, in order.
 async fn an_aggregates_consecutive_events_go_out_in_one_pass_in_order(backend: Backend, sink: Sink) {
     let pipeline = Pipeline::new(backend).await;
