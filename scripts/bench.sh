@@ -65,6 +65,7 @@ fi
 cargo build --quiet "${BUILD[@]}" --bin orders-service --bin orders-loadgen
 BIN="$CARGO_TARGET_DIR/$PROFILE/orders-service"
 LOADGEN="$CARGO_TARGET_DIR/$PROFILE/orders-loadgen"
+"$LOADGEN" --help | grep -q '^orders-loadgen e2e-latency' || die "orders-loadgen --help does not list its modes"
 APP_DATABASE__URL="$DB_URL" "$BIN" migrate >/dev/null
 RUN_ID="$(date +%s)-$$"
 ADMIN=http://127.0.0.1:19090

@@ -1,15 +1,7 @@
 //! `orders-loadgen`: the load generator behind `scripts/bench.sh`, so that every figure in
 //! `BENCHMARKS.md` comes from one tool whose requests are checked, not only counted.
 //!
-//! ```text
-//! orders-loadgen grpc-create  [--target=http://127.0.0.1:50051] [--concurrency=64] [--rate=0]
-//! orders-loadgen rest-create  [--target=http://127.0.0.1:8080]  [--concurrency=64] [--rate=0]
-//! orders-loadgen raw-produce  [--brokers=127.0.0.1:9092] --topic=T [--messages=100000] [--keys=10000] [--payload=100]
-//!                             [--rate=0] [--partitions=3] [--batch=1000] [--in-flight=16]
-//! orders-loadgen e2e-latency  [--target=http://127.0.0.1:8080] [--brokers=…] --topic=T [--rate=50]
-//! orders-loadgen verify-topic [--brokers=…] --topic=T --expect=N
-//!        common: [--warmup=2] [--duration=10] (seconds)
-//! ```
+//! `orders-loadgen --help` prints the modes and their options ([`USAGE`]).
 //!
 //! Creates run at a fixed concurrency (closed loop) or, with `--rate`, at a fixed rate
 //! (open loop: latency counts from the scheduled start, so a stall is not hidden by the
@@ -615,10 +607,25 @@ fn verify_topic(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `--help` prints: the modes and their options, as in the module documentation.
+const USAGE: &str = "\
+orders-loadgen grpc-create  [--target=http://127.0.0.1:50051] [--concurrency=64] [--rate=0]
+orders-loadgen rest-create  [--target=http://127.0.0.1:8080]  [--concurrency=64] [--rate=0]
+orders-loadgen raw-produce  [--brokers=127.0.0.1:9092] --topic=T [--messages=100000] [--keys=10000] [--payload=100]
+                            [--rate=0] [--partitions=3] [--batch=1000] [--in-flight=16] [--linger-ms=0]
+orders-loadgen e2e-latency  [--target=http://127.0.0.1:8080] [--brokers=…] --topic=T [--rate=50]
+orders-loadgen verify-topic [--brokers=…] --topic=T --expect=N
+       common: [--warmup=2] [--duration=10] (seconds)
+";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_default();
+    if matches!(mode.as_str(), "" | "help" | "-h" | "--help") {
+        print!("{USAGE}");
+        return Ok(());
+    }
     let options = Options::parse(args)?;
     let report = match mode.as_str() {
         "rest-create" => drive(&options, &mode, rest_create(&options)?, None).await?,
