@@ -64,6 +64,9 @@ pub struct Metrics {
     pub outbox_relays_live: IntGauge,
     /// Relay passes.
     pub outbox_relay_passes: IntCounter,
+    /// Where a relay pass spends its time, by stage: `fetch` and `settle` (one statement
+    /// each) and `publish` (a batch handed over until the broker answered for all of it).
+    pub outbox_relay_stage: HistogramVec,
     /// Producers rebuilt, by reason.
     pub outbox_producer_rebuilds: IntCounterVec,
     /// Rows whose settlement the lease no longer covered.
@@ -243,6 +246,17 @@ impl Metrics {
         )?;
         let outbox_relay_passes =
             registered(&registry, IntCounter::new("outbox_relay_passes_total", "Outbox relay passes")?)?;
+        let outbox_relay_stage = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "outbox_relay_stage_seconds",
+                    "Outbox relay time per stage: fetch and settle statements, publish until acknowledged",
+                )
+                .buckets(BUCKETS.to_vec()),
+                &["stage"],
+            )?,
+        )?;
         let outbox_producer_rebuilds = registered(
             &registry,
             IntCounterVec::new(
@@ -451,6 +465,7 @@ impl Metrics {
             outbox_publish_latency,
             outbox_relays_live,
             outbox_relay_passes,
+            outbox_relay_stage,
             outbox_producer_rebuilds,
             outbox_settle_fenced,
             outbox_order_violations,

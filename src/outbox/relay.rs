@@ -343,6 +343,10 @@ impl Relay {
             .store
             .fetch_due(&report.owned, self.settings.batch_size, Utc::now(), &window.aggregates())
             .await?;
+        self.metrics
+            .outbox_relay_stage
+            .with_label_values(&["fetch"])
+            .observe(fetched_at.elapsed().as_secs_f64());
         report.full_batches = report
             .owned
             .iter()
@@ -431,9 +435,21 @@ impl Relay {
         let relay = self.clone();
         let (answer, answered) = tokio::sync::watch::channel(None);
         let landing = tokio::spawn(async move {
+            let stage = |name: &str, since: Instant| {
+                relay
+                    .metrics
+                    .outbox_relay_stage
+                    .with_label_values(&[name])
+                    .observe(since.elapsed().as_secs_f64());
+            };
+            let published_at = Instant::now();
             let results = relay.publisher.publish(messages).await;
+            stage("publish", published_at);
             answer.send_replace(Some(results.iter().any(Result::is_ok)));
-            relay.settle(&rows, spans, results, &leases).await
+            let settled_at = Instant::now();
+            let landed = relay.settle(&rows, spans, results, &leases).await;
+            stage("settle", settled_at);
+            landed
         });
         Flight { aggregates, permit, landing, answered }
     }

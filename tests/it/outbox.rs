@@ -671,13 +671,19 @@ async fn a_caught_up_relay_publishes_the_next_commit_while_the_last_batch_settle
     assert_eq!(pipeline.metrics.outbox_published.get(), 3);
 }
 
-/// An order's create and cancel, both pending, go out in one pass, in order.
+/// An order's create and cancel, both pending, go out in one pass, in order, and the pass's
+/// stages are timed.
 async fn an_aggregates_consecutive_events_go_out_in_one_pass_in_order(backend: Backend, sink: Sink) {
     let pipeline = Pipeline::new(backend).await;
     let order = pipeline.create(1).await;
     pipeline.orders.cancel(order.id, &TraceContext::default()).await.expect("cancel");
     let relay = pipeline.relay_to("relay-runs", &sink);
     assert_eq!(relay.relay_once().await.expect("pass").published, 2, "both events in one pass");
+    // One fetch, one batch published, one settle: each stage timed once.
+    for stage in ["fetch", "publish", "settle"] {
+        let timed = pipeline.metrics.outbox_relay_stage.with_label_values(&[stage]).get_sample_count();
+        assert_eq!(timed, 1, "outbox_relay_stage_seconds{{stage={stage:?}}}");
+    }
     let types: Vec<String> = sink.read(2).await.iter().map(|r| header(r, "ce_type").to_owned()).collect();
     assert_eq!(types, ["orders.events.v1.OrderCreated", "orders.events.v1.OrderCancelled"]);
 }
