@@ -158,6 +158,12 @@ fn registered<M: prometheus::core::Collector + Clone + 'static>(
 }
 
 impl Metrics {
+    /// Records that a relay pass spent the time since `since` in `stage` (`fetch`,
+    /// `publish` or `settle`).
+    pub fn relay_stage(&self, stage: &str, since: std::time::Instant) {
+        self.outbox_relay_stage.with_label_values(&[stage]).observe(since.elapsed().as_secs_f64());
+    }
+
     /// Registers the database pools' occupancy, read at every scrape.
     pub fn register_pools(&self, pools: Vec<(&'static str, PoolProbe)>) -> anyhow::Result<()> {
         let connections = IntGaugeVec::new(

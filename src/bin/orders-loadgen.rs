@@ -607,7 +607,7 @@ fn verify_topic(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `--help` prints: the modes and their options, as in the module documentation.
+/// What `--help` prints: the modes and their options.
 const USAGE: &str = "\
 orders-loadgen grpc-create  [--target=http://127.0.0.1:50051] [--concurrency=64] [--rate=0]
 orders-loadgen rest-create  [--target=http://127.0.0.1:8080]  [--concurrency=64] [--rate=0]

@@ -294,7 +294,7 @@ impl Relay {
     /// however many partitions), then settle every row in one statement: delete, schedule a
     /// retry, or dead-letter. The deterministic step for tests.
     pub async fn relay_once(self: &Arc<Self>) -> Result<PassReport, StoreError> {
-        let report = self.pass(&mut Window::default(), 1, false).await?;
+        let report = self.pass(&mut Window::default(), 1).await?;
         self.refresh_stats().await;
         Ok(report)
     }
@@ -302,16 +302,12 @@ impl Relay {
     /// One pass of the pipeline: renew leases if due (after landing everything in flight),
     /// fetch the due rows of aggregates not in `window`, hand them to the producer, then
     /// take in the oldest batches: while `depth` of them are in flight, and all of them once
-    /// the backlog is caught up (no full batch). With `settle_behind`, a caught-up pass
+    /// the backlog is caught up (no full batch). A caught-up pass with room in the window
     /// ends once the broker acknowledged every batch, leaving them to settle while the next
-    /// pass fetches (or, if it launched nothing, at the next commit). A batch that got no
-    /// acknowledgement, or a fatal producer error, lands the whole window.
-    async fn pass(
-        self: &Arc<Self>,
-        window: &mut Window,
-        depth: usize,
-        settle_behind: bool,
-    ) -> Result<PassReport, StoreError> {
+    /// pass fetches (or, if it launched nothing, at the next commit); with a window of one
+    /// (`relay_once`, slow start) every batch lands before the pass ends. A batch that got
+    /// no acknowledgement, or a fatal producer error, lands the whole window.
+    async fn pass(self: &Arc<Self>, window: &mut Window, depth: usize) -> Result<PassReport, StoreError> {
         self.metrics.outbox_relay_passes.inc();
         let mut report = PassReport::default();
         let mut leases = self.leases.lock().await;
@@ -343,10 +339,7 @@ impl Relay {
             .store
             .fetch_due(&report.owned, self.settings.batch_size, Utc::now(), &window.aggregates())
             .await?;
-        self.metrics
-            .outbox_relay_stage
-            .with_label_values(&["fetch"])
-            .observe(fetched_at.elapsed().as_secs_f64());
+        self.metrics.relay_stage("fetch", fetched_at);
         report.full_batches = report
             .owned
             .iter()
@@ -380,7 +373,7 @@ impl Relay {
             // Waiting for the acknowledgements but not the settles took 3–4 ms off the
             // relay's commit → ack p99 at 850 creates/s (BENCHMARKS.md, run 13). The fetch
             // skips the settling batches' aggregates, so nothing goes out twice.
-            let caught_up = !full && settle_behind;
+            let caught_up = !full;
             if caught_up && launched && !oldest.landing.is_finished() && window.acknowledged().await {
                 break;
             }
@@ -435,20 +428,13 @@ impl Relay {
         let relay = self.clone();
         let (answer, answered) = tokio::sync::watch::channel(None);
         let landing = tokio::spawn(async move {
-            let stage = |name: &str, since: Instant| {
-                relay
-                    .metrics
-                    .outbox_relay_stage
-                    .with_label_values(&[name])
-                    .observe(since.elapsed().as_secs_f64());
-            };
             let published_at = Instant::now();
             let results = relay.publisher.publish(messages).await;
-            stage("publish", published_at);
+            relay.metrics.relay_stage("publish", published_at);
             answer.send_replace(Some(results.iter().any(Result::is_ok)));
             let settled_at = Instant::now();
             let landed = relay.settle(&rows, spans, results, &leases).await;
-            stage("settle", settled_at);
+            relay.metrics.relay_stage("settle", settled_at);
             landed
         });
         Flight { aggregates, permit, landing, answered }
@@ -681,7 +667,7 @@ impl Relay {
             let relay = self.clone();
             let mut flights = std::mem::take(&mut window);
             let pass = tokio::spawn(async move {
-                let report = relay.pass(&mut flights, depth, true).await;
+                let report = relay.pass(&mut flights, depth).await;
                 (flights, report)
             });
             let outcome = pass.await.map(|(flights, report)| {
