@@ -237,8 +237,8 @@ bucket_ms() { # bucket_ms HISTOGRAM LABELS Q: the upper bound (ms) of the bucket
     END { for (i=1;i<=n;i++) if (c[i] >= q*t) { print b[i]*1000; exit } }'
 }
 ack_p50="$(bucket_ms outbox_publish_latency_seconds "" 0.5)" ack_p99="$(bucket_ms outbox_publish_latency_seconds "" 0.99)"
-stages="" # each stage of the relay's passes at p99 (outbox_relay_stage_seconds)
-for stage in fetch publish settle; do
+stages="" # each relay stage at p99 (outbox_relay_stage_seconds: queued per event, the rest per pass)
+for stage in queued fetch publish settle; do
   stages="$stages${stages:+, }$stage ≤ $(bucket_ms outbox_relay_stage_seconds "stage=\"$stage\"" 0.99)"
 done
 

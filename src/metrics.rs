@@ -164,6 +164,16 @@ impl Metrics {
         self.outbox_relay_stage.with_label_values(&[stage]).observe(since.elapsed().as_secs_f64());
     }
 
+    /// Records, per fetched event, how long it waited for the fetch since it was created
+    /// (`stage="queued"`): its create's transaction, then the wake-up and the pass in
+    /// flight. The part of commit → acknowledgement the per-pass stages do not time.
+    pub fn relay_queued(&self, waits: impl Iterator<Item = chrono::TimeDelta>) {
+        let queued = self.outbox_relay_stage.with_label_values(&["queued"]);
+        for wait in waits {
+            queued.observe(wait.to_std().unwrap_or_default().as_secs_f64());
+        }
+    }
+
     /// Registers the database pools' occupancy, read at every scrape.
     pub fn register_pools(&self, pools: Vec<(&'static str, PoolProbe)>) -> anyhow::Result<()> {
         let connections = IntGaugeVec::new(
@@ -257,7 +267,7 @@ impl Metrics {
             HistogramVec::new(
                 HistogramOpts::new(
                     "outbox_relay_stage_seconds",
-                    "Outbox relay time per stage: fetch and settle statements, publish until acknowledged",
+                    "Outbox relay time per stage: queued per event (created to fetched), fetch and settle statements, publish until acknowledged",
                 )
                 .buckets(BUCKETS.to_vec()),
                 &["stage"],

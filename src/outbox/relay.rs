@@ -334,12 +334,11 @@ impl Relay {
             self.land_all(window, &mut report).await?;
             return Ok(report);
         }
-        let fetched_at = Instant::now();
-        let rows = self
-            .store
-            .fetch_due(&report.owned, self.settings.batch_size, Utc::now(), &window.aggregates())
-            .await?;
+        let (fetched_at, now) = (Instant::now(), Utc::now());
+        let rows =
+            self.store.fetch_due(&report.owned, self.settings.batch_size, now, &window.aggregates()).await?;
         self.metrics.relay_stage("fetch", fetched_at);
+        self.metrics.relay_queued(rows.iter().map(|row| now - row.created_at));
         report.full_batches = report
             .owned
             .iter()

@@ -679,11 +679,15 @@ async fn an_aggregates_consecutive_events_go_out_in_one_pass_in_order(backend: B
     pipeline.orders.cancel(order.id, &TraceContext::default()).await.expect("cancel");
     let relay = pipeline.relay_to("relay-runs", &sink);
     assert_eq!(relay.relay_once().await.expect("pass").published, 2, "both events in one pass");
-    // One fetch, one batch published, one settle: each stage timed once.
-    for stage in ["fetch", "publish", "settle"] {
+    // One fetch, one batch published, one settle: each stage timed once; each of the two
+    // events' wait for that fetch once.
+    for (stage, times) in [("queued", 2), ("fetch", 1), ("publish", 1), ("settle", 1)] {
         let timed = pipeline.metrics.outbox_relay_stage.with_label_values(&[stage]).get_sample_count();
-        assert_eq!(timed, 1, "outbox_relay_stage_seconds{{stage={stage:?}}}");
+        assert_eq!(timed, times, "outbox_relay_stage_seconds{{stage={stage:?}}}");
     }
+    // Created before the fetch, moments ago (a reversed difference would record 0).
+    let waited = pipeline.metrics.outbox_relay_stage.with_label_values(&["queued"]).get_sample_sum();
+    assert!(waited > 0.0 && waited < 60.0, "the two events waited {waited} s in all");
     let types: Vec<String> = sink.read(2).await.iter().map(|r| header(r, "ce_type").to_owned()).collect();
     assert_eq!(types, ["orders.events.v1.OrderCreated", "orders.events.v1.OrderCancelled"]);
 }
