@@ -74,13 +74,12 @@ ADMIN=http://127.0.0.1:19090
 # Where the CPU goes (the two cores are shared by everything): clock ticks (1/100 s) of
 # every process named COMM, exited children included (a backend's time moves to the
 # postmaster when it exits). The load generators are timed with GNU time instead.
-ticks() { # ticks COMM...
-  cat /proc/[0-9]*/stat 2>/dev/null | awk -v names=" $* " '
-    index(names, " " substr($2, 2, length($2) - 2) " ") { t += $14 + $15 + $16 + $17 } END { print t + 0 }'
-}
-kernel_ticks() { # kernel_ticks COMM...: the system-time part of `ticks`
-  cat /proc/[0-9]*/stat 2>/dev/null | awk -v names=" $* " '
-    index(names, " " substr($2, 2, length($2) - 2) " ") { t += $15 + $17 } END { print t + 0 }'
+ticks() { stat_ticks 0 "$@"; } # ticks COMM...: user and system time
+kernel_ticks() { stat_ticks 1 "$@"; } # kernel_ticks COMM...: system time only
+stat_ticks() { # stat_ticks KERNEL_ONLY COMM...
+  local kernel="$1"; shift
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v names=" $* " -v k="$kernel" '
+    index(names, " " substr($2, 2, length($2) - 2) " ") { t += $15 + $17 + (k ? 0 : $14 + $16) } END { print t + 0 }'
 }
 timed_ticks() { awk '{ printf "%d", ($1 + $2) * 100 }' "$1"; } # ticks from a `time -f "%U %S"` file
 per() { awk -v t="$1" -v n="$2" 'BEGIN { if (n > 0) printf "%.3f", t * 10 / n; else print "n/a" }'; } # ms per unit
