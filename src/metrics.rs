@@ -64,8 +64,9 @@ pub struct Metrics {
     pub outbox_relays_live: IntGauge,
     /// Relay passes.
     pub outbox_relay_passes: IntCounter,
-    /// Where a relay pass spends its time, by stage: `fetch` and `settle` (one statement
-    /// each) and `publish` (a batch handed over until the broker answered for all of it).
+    /// Where commit → acknowledgement goes, by stage: per event `queued` (created → fetched);
+    /// per pass `fetch` and `settle` (one statement each) and `publish` (a batch handed over
+    /// until the broker answered for all of it).
     pub outbox_relay_stage: HistogramVec,
     /// Producers rebuilt, by reason.
     pub outbox_producer_rebuilds: IntCounterVec,
